@@ -1,0 +1,108 @@
+"""Write the bundled demo data (soup/assets/demo/sft.jsonl and pretrain.jsonl).
+
+The rows are synthetic and follow a few simple patterns (reverse a word, name a
+capital, upper-case a word, add small numbers; templated tiny stories), so a tiny
+byte-level model's loss visibly falls within ~150 steps. Deterministic: running it
+again writes the same bytes.
+
+    python scripts/make_demo_data.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+OUT_DIR = Path(__file__).resolve().parents[1] / "soup" / "assets" / "demo"
+MAX_ROW_BYTES = 200
+
+WORDS = [
+    "apple", "river", "garden", "silver", "candle", "window", "planet", "forest", "pencil", "rabbit",
+    "bridge", "orange", "winter", "summer", "island", "mirror", "rocket", "castle", "button", "dragon",
+    "kitten", "meadow", "guitar", "pepper", "butter", "ladder", "pillow", "turtle", "violin", "walnut",
+    "tiger", "cloud", "stone", "light", "sugar", "piano", "lemon", "horse", "table", "chair",
+    "bread", "ocean", "music", "paper", "glass", "smile", "train", "queen", "honey", "storm",
+]
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
+    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
+    "Chile": "Santiago", "Peru": "Lima", "Russia": "Moscow", "Poland": "Warsaw", "Greece": "Athens",
+    "Turkey": "Ankara", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
+    "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest", "Belgium": "Brussels",
+    "Netherlands": "Amsterdam", "Switzerland": "Bern", "Australia": "Canberra", "Thailand": "Bangkok",
+    "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Nigeria": "Abuja", "Morocco": "Rabat", "Cuba": "Havana",
+    "Iceland": "Reykjavik", "Colombia": "Bogota", "Ghana": "Accra",
+}
+
+NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Lucy", "Tim", "Sara", "Leo", "Emma"]
+ANIMALS = ["dog", "cat", "bird", "frog", "fish", "duck", "bunny", "puppy"]
+ADJECTIVES = ["little", "happy", "red", "big", "soft", "funny", "kind", "small"]
+PLACES = ["park", "garden", "beach", "forest", "river", "hill", "farm", "lake"]
+THINGS = ["ball", "kite", "apple", "hat", "book", "cake", "toy", "flower"]
+
+
+def chat(user: str, answer: str, system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def sft_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for word in WORDS * 2:  # 100 rows
+        rows.append(chat(f"Reverse the word {word}.", word[::-1]))
+    for country, city in CAPITALS.items():  # 80 rows, two phrasings
+        rows.append(chat(f"What is the capital of {country}?", f"The capital of {country} is {city}."))
+        rows.append(chat(f"Name the capital city of {country}.", city))
+    for word in rng.sample(WORDS, 50) * 2:  # 100 rows
+        rows.append(chat(f"Spell {word} in capitals.", word.upper()))
+    for _ in range(80):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        rows.append(chat(f"Add {a} and {b}.", f"{a} + {b} = {a + b}"))
+    for _ in range(25):  # multi-turn: two assistant turns
+        a, b, c = rng.randint(0, 20), rng.randint(0, 20), rng.randint(0, 9)
+        rows.append({"messages": [
+            {"role": "user", "content": f"Add {a} and {b}."},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+            {"role": "user", "content": f"Now add {c}."},
+            {"role": "assistant", "content": f"{a + b} + {c} = {a + b + c}"},
+        ]})
+    for country in rng.sample(sorted(CAPITALS), 15):  # with a system message
+        rows.append(chat(f"Capital of {country}?", CAPITALS[country], system="Answer in as few words as you can."))
+    rng.shuffle(rows)
+    return rows
+
+
+def pretrain_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(300):
+        name, animal, adj = rng.choice(NAMES), rng.choice(ANIMALS), rng.choice(ADJECTIVES)
+        place, thing = rng.choice(PLACES), rng.choice(THINGS)
+        story = rng.choice([
+            f"{name} had a {adj} {animal}. They went to the {place} and played with a {thing}.",
+            f"One day {name} found a {thing} at the {place}. The {adj} {animal} was very happy.",
+            f"{name} and the {animal} walked to the {place}. The sun was warm and the {thing} was {adj}.",
+        ])
+        rows.append({"text": story})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
+    too_long = [line for line in lines if len(line.encode()) > MAX_ROW_BYTES]
+    assert not too_long, f"rows over {MAX_ROW_BYTES} bytes: {too_long[:2]}"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+def main() -> None:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    write_jsonl(OUT_DIR / "sft.jsonl", sft_rows(random.Random(0)))
+    write_jsonl(OUT_DIR / "pretrain.jsonl", pretrain_rows(random.Random(1)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Structured-config schemas: one dataclass per config group.
+
+Every yaml option in conf/<group>/ starts with `defaults: [<group>_schema, _self_]`,
+so Hydra checks its keys and types against the dataclass here. A typo, an unknown
+key or a wrong type fails at compose time with Hydra's own message. Rules that
+involve more than one group live in soup/config/validate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TaskConfig:
+    """What the run optimises.
+
+    sft: next-token loss on the response tokens of chat/instruction data.
+    pretrain: next-token loss on every token of plain documents.
+    """
+
+    name: str = MISSING
+
+
+@dataclass
+class TinyArchConfig:
+    """Shape of the Llama-architecture model that `model=tiny` builds from scratch."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train.
+
+    name=tiny builds a randomly initialised Llama (shape in `tiny`) and a byte-level
+    tokenizer offline. name=hf loads `path` (a local directory or a hub id) with
+    transformers.
+    """
+
+    name: str = MISSING
+    path: Optional[str] = None
+    # A separate tokenizer directory; defaults to `path` (hf) or the built-in byte tokenizer (tiny).
+    tokenizer_path: Optional[str] = None
+    # Parameter dtype at load: float32 | bfloat16 | float16. Mixed precision is train.precision.
+    dtype: str = "float32"
+    # transformers attention implementation: sdpa | eager | flash_attention_2 (CUDA).
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where the training rows come from and how they become tokens."""
+
+    name: str = MISSING
+    train_file: Optional[str] = None
+    val_file: Optional[str] = None
+    # auto | alpaca | sharegpt | chatml | plaintext | tool_calling
+    format: str = "auto"
+    # null = the tokenizer's own template; a preset (chatml, llama3); or a raw Jinja string.
+    chat_template: Optional[str] = None
+    max_length: int = 512
+    # What happens to a row longer than max_length: truncate | drop (the count is reported).
+    overlong: str = "truncate"
+    # Fraction of the training rows held out for validation when no val_file is given.
+    val_split: float = 0.0
+    train_on_responses_only: bool = True
+    # Use only the first N rows of the training file (None = all).
+    max_rows: Optional[int] = None
+    # The field holding a document for plaintext data.
+    text_field: str = "text"
+
+
+@dataclass
+class BackendConfig:
+    """The modelling library that runs forward/backward."""
+
+    name: str = MISSING
+
+
+@dataclass
+class QuantConfig:
+    """Weight quantisation of the base model (options arrive with the quantisation issue)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class KernelsConfig:
+    """Fused kernels and compilation (options arrive with the speed issue)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class CheckpointingConfig:
+    """Gradient (activation) checkpointing tier."""
+
+    name: str = MISSING
+
+
+@dataclass
+class OffloadConfig:
+    """Activation offloading target."""
+
+    name: str = MISSING
+
+
+@dataclass
+class ParallelismConfig:
+    """How the model is spread over processes."""
+
+    name: str = MISSING
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning. name=none trains every parameter."""
+
+    name: str = MISSING
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # "all-linear" or a list of module-name suffixes (e.g. [q_proj, v_proj]).
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer. Weight decay never applies to biases or normalisation weights."""
+
+    name: str = MISSING
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule with linear warmup; warmup_steps wins over warmup_ratio."""
+
+    name: str = MISSING
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    # Final lr as a fraction of the peak (linear and cosine).
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrackerConfig:
+    """Where per-step metrics go besides metrics.jsonl (always written)."""
+
+    name: str = MISSING
+    project: str = "soup"
+    # wandb: offline | online | disabled. Offline needs no network.
+    mode: str = "offline"
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch shape, length, precision, cadence of eval/checkpoints/logs."""
+
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    # Positive: stop after this many optimizer steps; otherwise run `epochs` epochs.
+    max_steps: int = -1
+    epochs: int = 1
+    # fp32 | bf16 (autocast, CPU and CUDA) | fp16 (autocast + grad scaler, CUDA only)
+    precision: str = "fp32"
+    max_grad_norm: float = 1.0
+    eval_every_steps: int = 0
+    # Also evaluate before the first step (a fresh run only), as the baseline of the curve.
+    eval_at_start: bool = False
+    eval_batch_size: int = 16
+    save_every_steps: int = 0
+    keep_last_checkpoints: int = 2
+    log_every_steps: int = 1
+    progress_bar: bool = True
+    # cpu | cuda | auto
+    device: str = "auto"
+
+
+@dataclass
+class SoupConfig:
+    """The root config: one node per group plus run-level settings."""
+
+    task: TaskConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    backend: BackendConfig = MISSING
+    quant: QuantConfig = MISSING
+    kernels: KernelsConfig = MISSING
+    checkpointing: CheckpointingConfig = MISSING
+    offload: OffloadConfig = MISSING
+    parallelism: ParallelismConfig = MISSING
+    peft: PeftConfig = MISSING
+    optim: OptimConfig = MISSING
+    sched: SchedConfig = MISSING
+    tracker: TrackerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 42
+    # null: start fresh; auto: the latest checkpoint in this run dir; or a checkpoint path.
+    resume: Optional[str] = None
+
+
+GROUP_SCHEMAS = {
+    "task": TaskConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "backend": BackendConfig,
+    "quant": QuantConfig,
+    "kernels": KernelsConfig,
+    "checkpointing": CheckpointingConfig,
+    "offload": OffloadConfig,
+    "parallelism": ParallelismConfig,
+    "peft": PeftConfig,
+    "optim": OptimConfig,
+    "sched": SchedConfig,
+    "tracker": TrackerConfig,
+}
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="soup_schema", node=SoupConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)

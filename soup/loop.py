@@ -1,0 +1,250 @@
+"""The training loop: accumulation, precision, clipping, eval, checkpoints, metrics.
+
+One optimizer step = `grad_accum_steps` micro-batches. The loss of each micro-batch
+is its summed loss divided by the number of loss units (trained tokens for SFT) in
+the *whole step*, counted before any forward pass, so the gradient equals that of
+one big batch; averaging per-micro-batch means instead would over-weight the tokens
+of short micro-batches.
+
+Features that change the model (PEFT, kernels, checkpointing) wrap the model
+before it reaches this file; tasks own the loss; this file owns the optimisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from soup.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from soup.data.sampler import ResumableBatchSampler
+from soup.errors import SoupError
+from soup.optim import build_optimizer, build_scheduler
+from soup.tasks import Task
+from soup.tracking import peak_memory_mb, reset_peak_memory
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoopResult:
+    step: int
+    trained_units: int
+    train_time_s: float
+    units_per_s: float
+    last_train_loss: float | None
+    last_eval_loss: float | None
+    interrupted: bool
+    checkpoint: Path | None
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, _frame):
+            self.signum = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def total_optimizer_steps(train_cfg: DictConfig, batches_per_epoch: int) -> int:
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    return math.ceil(train_cfg.epochs * batches_per_epoch / train_cfg.grad_accum_steps)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: int, device, precision: str) -> dict:
+    """Loss per unit over `examples`, in order; the model is returned to train mode."""
+    model.eval()
+    loss_sum, units, metric_sums = 0.0, 0, {}
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size])
+        units += task.units(batch)
+        with autocast_context(precision, device):
+            out = task.forward(model, to_device(batch, device))
+        loss_sum += float(out.loss_sum)
+        for key, value in out.metric_sums.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+    model.train()
+    metrics = {"loss": loss_sum / max(units, 1)}
+    metrics.update({k: v / max(units, 1) for k, v in metric_sums.items()})
+    if task.unit_name == "tokens":
+        metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
+    return metrics
+
+
+def train_loop(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    task: Task,
+    train_examples: list,
+    val_examples: list | None,
+    collate: Callable[[list], Batch],
+    run_dir: Path,
+    tracker,
+    device: torch.device,
+    is_main_process: bool = True,
+) -> LoopResult:
+    train_cfg = cfg.train
+    sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed)
+    total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch)
+    # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
+    total_micro_batches = None if train_cfg.max_steps > 0 else train_cfg.epochs * sampler.batches_per_epoch
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if train_cfg.precision == "fp16" else None
+    checkpoints_dir = run_dir / "checkpoints"
+
+    step, trained_units, consumed_micro, train_time_s = 0, 0, 0, 0.0
+    resume_from = _resume_path(cfg.resume, checkpoints_dir)
+    if resume_from is not None:
+        state, extra = load_checkpoint(resume_from, model, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        step, trained_units = state["step"], state["trained_units"]
+        consumed_micro, train_time_s = state["consumed_micro_batches"], state["train_time_s"]
+        if scaler is not None and "grad_scaler" in extra:
+            scaler.load_state_dict(extra["grad_scaler"])
+        tracker.truncate_after(step)
+        print(f"[soup] resumed from {resume_from} at step {step}")
+
+    def checkpoint_now() -> Path | None:
+        if not is_main_process:
+            return None
+        trainer_state = {
+            "step": step, "trained_units": trained_units, "consumed_micro_batches": consumed_micro,
+            "train_time_s": train_time_s, "sampler": sampler.state_dict(), "total_steps": total_steps,
+        }
+        extra = {"grad_scaler": scaler.state_dict()} if scaler is not None else None
+        return save_checkpoint(checkpoints_dir, step, model, optimizer, scheduler, trainer_state,
+                               train_cfg.keep_last_checkpoints, extra)
+
+    def run_eval() -> float | None:
+        if not val_examples:
+            return None
+        metrics = evaluate(model, task, val_examples, collate, train_cfg.eval_batch_size, device, train_cfg.precision)
+        tracker.log(metrics, step, split="eval")
+        return metrics["loss"]
+
+    model.train()
+    reset_peak_memory(device)
+    last_loss = last_eval = None
+    last_checkpoint, evaluated_at = None, -1
+    bar = tqdm(total=total_steps, initial=step, disable=not train_cfg.progress_bar, unit="step", dynamic_ncols=True)
+    if train_cfg.eval_at_start and step == 0:
+        run_eval()
+    stop = StopFlag()
+    with stop.installed():
+        while step < total_steps:
+            n_micro = train_cfg.grad_accum_steps
+            if total_micro_batches is not None:
+                n_micro = min(n_micro, total_micro_batches - consumed_micro)
+            step_start = time.perf_counter()
+            micro_batches = [collate([train_examples[i] for i in sampler.next_batch()]) for _ in range(n_micro)]
+            consumed_micro += n_micro
+            step_units = sum(task.units(b) for b in micro_batches)
+            if step_units == 0:
+                raise SoupError(f"step {step + 1}: no micro-batch holds a trained token; "
+                                "check data.train_on_responses_only and data.max_length.")
+
+            step_loss = torch.zeros((), device=device)
+            for batch in micro_batches:
+                with autocast_context(train_cfg.precision, device):
+                    out = task.forward(model, to_device(batch, device))
+                loss = out.loss_sum / step_units
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += out.loss_sum.detach()
+
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], clip
+            )
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            trained_units += step_units
+            step_time = time.perf_counter() - step_start
+            train_time_s += step_time
+
+            last_loss = float(step_loss) / step_units
+            if not math.isfinite(last_loss):
+                raise SoupError(
+                    f"step {step}: the loss is {last_loss}. The last good checkpoint is in {checkpoints_dir}.\n"
+                    "  fix: lower optim.lr, keep train.max_grad_norm > 0, or use train.precision=bf16 "
+                    "instead of fp16; then resume=<checkpoint>."
+                )
+            rate = step_units / step_time
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", **{f"{task.unit_name}/s": f"{rate:.0f}"})
+            if step % train_cfg.log_every_steps == 0 or step == total_steps:
+                tracker.log({
+                    "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                    f"trained_{task.unit_name}": step_units, f"trained_{task.unit_name}_per_s": rate,
+                    "peak_memory_mb": peak_memory_mb(device),
+                    "epoch": consumed_micro / sampler.batches_per_epoch,
+                }, step)
+
+            if train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0:
+                last_eval, evaluated_at = run_eval(), step
+            if train_cfg.save_every_steps and step % train_cfg.save_every_steps == 0:
+                last_checkpoint = checkpoint_now()
+            if stop.signum is not None:
+                last_checkpoint = checkpoint_now()
+                bar.close()
+                print(f"[soup] stopped by signal {stop.signum} at step {step}; checkpoint: {last_checkpoint}\n"
+                      f"  resume with: resume=auto hydra.run.dir={run_dir}")
+                return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9),
+                                  last_loss, last_eval, True, last_checkpoint)
+    bar.close()
+    if evaluated_at != step:
+        last_eval = run_eval()
+    return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9),
+                      last_loss, last_eval, False, last_checkpoint)
+
+
+def _resume_path(resume: str | None, checkpoints_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(checkpoints_dir)
+        if found is None:
+            print(f"[soup] resume=auto: no checkpoint in {checkpoints_dir}; starting fresh")
+        return found
+    return Path(resume)

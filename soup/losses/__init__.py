@@ -1,0 +1,1 @@
+"""Loss functions: pure functions over tensors, one file per family, registered by name."""

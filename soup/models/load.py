@@ -1,0 +1,101 @@
+"""Build the tokenizer and model a config asks for, with PEFT applied.
+
+model=tiny: a randomly initialised Llama (shape from model.tiny) and the built-in
+byte tokenizer, seeded so the same config gives the same weights.
+model=hf: AutoModelForCausalLM.from_pretrained(model.path).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from soup.errors import ConfigError
+from soup.models.tokenizer import build_byte_tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
+    if model_cfg.tokenizer_path:
+        return load_tokenizer(model_cfg.tokenizer_path, model_cfg.trust_remote_code)
+    if model_cfg.name == "tiny":
+        return build_byte_tokenizer()
+    return load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+
+
+def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.name == "tiny":
+        arch = model_cfg.tiny
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_hidden_layers=arch.num_hidden_layers,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_key_value_heads,
+            max_position_embeddings=arch.max_position_embeddings,
+            rope_theta=arch.rope_theta,
+            tie_word_embeddings=arch.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        # The init draws from the global generator: fork it so building a model does
+        # not shift the random stream the rest of the run sees.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(
+                config, attn_implementation=model_cfg.attn_implementation, dtype=dtype
+            )
+        return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_cfg.path,
+            dtype=dtype,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model.path={model_cfg.path!r}: could not load a causal LM: {exc}\n"
+            "  fix: point model.path at a transformers model directory (config.json + weights)."
+        ) from exc
+
+
+def apply_peft(model: PreTrainedModel, peft_cfg: DictConfig, seed: int):
+    """Wrap `model` with adapters, or return it unchanged for peft=none."""
+    if peft_cfg.name == "none":
+        return model
+    import peft
+
+    targets = peft_cfg.target_modules
+    if OmegaConf.is_config(targets):
+        targets = list(targets)
+    lora = peft.LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return peft.get_peft_model(model, lora)
+        except ValueError as exc:
+            raise ConfigError(f"peft.target_modules={targets!r}: {exc}") from exc
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

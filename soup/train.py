@@ -1,0 +1,145 @@
+"""Entry point: compose -> validate -> build -> loop -> save.
+
+    python -m soup.train                                  # the default tiny SFT job, offline
+    python -m soup.train task=pretrain optim.lr=1e-3
+    python -m soup.train --multirun optim.lr=1e-4,3e-4    # one run directory per job
+
+Returns the final validation loss (or the last training loss) so Hydra sweepers
+can optimise it. A user mistake ends with a message and exit status 2; in a
+multirun it fails only that job.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from soup.config import register_configs, resolve_device, validate
+from soup.data import build_datasets, collate_padded
+from soup.data.dataset import DEMO_FILES, resolve_data_path
+from soup.errors import SoupError
+from soup.loop import train_loop
+from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
+from soup.tasks import build_task
+from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
+
+register_configs()
+# conf/ sits beside the package in the source tree (soup is installed editable).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stop_on_end_of_turn(model, tokenizer) -> None:
+    """Generation should stop at the template's end-of-turn token as well as at EOS."""
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    generation_config = getattr(model, "generation_config", None)
+    if end_of_turn is None or generation_config is None:
+        return
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if end_of_turn not in eos:
+        generation_config.eos_token_id = eos + [end_of_turn]
+
+
+def data_files(data_cfg: DictConfig, task_name: str) -> list[str]:
+    """The files this run read, for the run record's hashes."""
+    train = data_cfg.train_file or DEMO_FILES[task_name]
+    files = [resolve_data_path(train, "data.train_file")]
+    if data_cfg.val_file:
+        files.append(resolve_data_path(data_cfg.val_file, "data.val_file"))
+    return [str(f) for f in files]
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Train according to `cfg`, writing everything under `run_dir`; return the objective."""
+    started = time.time()
+    validate(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+
+    tokenizer = build_tokenizer(cfg.model)
+    splits = build_datasets(cfg.data, tokenizer, cfg.task.name, cfg.seed)
+    if splits.chat_template is not None:
+        # The saved tokenizer carries the template the data was rendered with.
+        tokenizer.chat_template = splits.chat_template
+    print(f"[soup] {splits.report.summary()}")
+    if splits.val_report is not None:
+        print(f"[soup] {splits.val_report.summary()}")
+
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    model = apply_peft(model, cfg.peft, cfg.seed).to(device)
+    trainable, total = count_parameters(model)
+    print(f"[soup] model: {cfg.model.name} {total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable | "
+          f"device={device} precision={cfg.train.precision} peft={cfg.peft.name} quant={cfg.quant.name} "
+          f"kernels={cfg.kernels.name} checkpointing={cfg.checkpointing.name} offload={cfg.offload.name} "
+          f"parallelism={cfg.parallelism.name}")
+
+    task = build_task(cfg.task)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)
+    try:
+        result = train_loop(
+            cfg, model, task, splits.train, splits.val,
+            lambda examples: collate_padded(examples, tokenizer.pad_token_id),
+            run_dir, tracker, device,
+        )
+    finally:
+        tracker.close()
+
+    if not result.interrupted:
+        final_dir = run_dir / "final"
+        stop_on_end_of_turn(model, tokenizer)
+        model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+        print(f"[soup] saved final model to {final_dir}")
+    stats = {
+        "status": "interrupted" if result.interrupted else "finished",
+        "steps": result.step,
+        f"trained_{task.unit_name}": result.trained_units,
+        f"trained_{task.unit_name}_per_s": result.units_per_s,
+        "train_time_s": result.train_time_s,
+        "wall_time_s": time.time() - started,
+        "peak_memory_mb": peak_memory_mb(device),
+        "final_train_loss": result.last_train_loss,
+        "final_eval_loss": result.last_eval_loss,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "data": {"train": asdict(splits.report), "val": asdict(splits.val_report) if splits.val_report else None},
+    }
+    write_run_record(run_dir, config_dict, stats, data_files(cfg.data, cfg.task.name))
+    plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    print(f"[soup] run dir: {run_dir}")
+    return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        return run(cfg, run_dir)
+    except SoupError as exc:
+        print(f"[soup] error: {exc}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # One bad job must not end the sweep; the sweeper sees no objective for it.
+            return None
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

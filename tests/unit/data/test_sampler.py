@@ -1,0 +1,38 @@
+import pytest
+
+from soup.data.sampler import ResumableBatchSampler
+
+
+def drain(sampler, n):
+    return [sampler.next_batch() for _ in range(n)]
+
+
+def test_every_example_once_per_epoch_including_a_short_last_batch():
+    sampler = ResumableBatchSampler(10, 4, seed=1)
+    epoch = drain(sampler, sampler.batches_per_epoch)
+    assert [len(b) for b in epoch] == [4, 4, 2]
+    assert sorted(i for b in epoch for i in b) == list(range(10))
+    assert sampler.position.epoch == 1 and sampler.position.batch_index == 0
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    a, b = ResumableBatchSampler(50, 5, seed=3), ResumableBatchSampler(50, 5, seed=3)
+    assert drain(a, 25) == drain(b, 25)
+    assert a.epoch_order(0) != a.epoch_order(1)
+    assert ResumableBatchSampler(50, 5, seed=4).epoch_order(0) != a.epoch_order(0)
+
+
+def test_resume_from_state_continues_the_same_stream():
+    full = ResumableBatchSampler(23, 4, seed=7)
+    expected = drain(full, 20)
+    first = ResumableBatchSampler(23, 4, seed=7)
+    head = drain(first, 9)
+    resumed = ResumableBatchSampler(23, 4, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    assert head + drain(resumed, 11) == expected
+
+
+def test_resume_with_another_batch_size_is_refused():
+    state = ResumableBatchSampler(23, 4, seed=7).state_dict()
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        ResumableBatchSampler(23, 8, seed=7).load_state_dict(state)
