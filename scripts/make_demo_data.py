@@ -90,10 +90,36 @@ def pretrain_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def pair(user: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": user}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def preference_rows(rng: random.Random) -> list[dict]:
+    """Pairs whose chosen answer is right and rejected answer is plausibly wrong."""
+    rows = []
+    cities = list(CAPITALS.values())
+    for country, city in CAPITALS.items():
+        wrong = rng.choice([c for c in cities if c != city])
+        rows.append(pair(f"What is the capital of {country}?", f"The capital of {country} is {city}.",
+                         f"The capital of {country} is {wrong}."))
+    for word in WORDS:
+        scrambled = word[1:] + word[0] if word[1:] + word[0] != word[::-1] else word
+        rows.append(pair(f"Reverse the word {word}.", word[::-1], scrambled if scrambled != word[::-1] else word))
+    for _ in range(110):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        off = rng.choice([-2, -1, 1, 2])
+        rows.append(pair(f"Add {a} and {b}.", f"{a} + {b} = {a + b}", f"{a} + {b} = {a + b + off}"))
+    rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict], max_row_bytes: int = MAX_ROW_BYTES) -> None:
     lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
-    too_long = [line for line in lines if len(line.encode()) > MAX_ROW_BYTES]
-    assert not too_long, f"rows over {MAX_ROW_BYTES} bytes: {too_long[:2]}"
+    too_long = [line for line in lines if len(line.encode()) > max_row_bytes]
+    assert not too_long, f"rows over {max_row_bytes} bytes: {too_long[:2]}"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {len(rows)} rows to {path}")
 
@@ -102,6 +128,7 @@ def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     write_jsonl(OUT_DIR / "sft.jsonl", sft_rows(random.Random(0)))
     write_jsonl(OUT_DIR / "pretrain.jsonl", pretrain_rows(random.Random(1)))
+    write_jsonl(OUT_DIR / "preference.jsonl", preference_rows(random.Random(2)), max_row_bytes=320)
 
 
 if __name__ == "__main__":

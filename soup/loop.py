@@ -78,6 +78,17 @@ def total_optimizer_steps(train_cfg: DictConfig, batches_per_epoch: int) -> int:
     return math.ceil(train_cfg.epochs * batches_per_epoch / train_cfg.grad_accum_steps)
 
 
+def average_metrics(sums: dict[str, float], counts: dict[str, float], units: int) -> dict[str, float]:
+    """Each summed metric over its own count when it has one, else over the units."""
+    return {key: value / counts[key] if key in counts else value / max(units, 1)
+            for key, value in sums.items() if counts.get(key, 1) > 0}
+
+
+def accumulate(into: dict[str, float], values: dict[str, float]) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0.0) + float(value)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -86,18 +97,18 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: int, device, precision: str) -> dict:
     """Loss per unit over `examples`, in order; the model is returned to train mode."""
     model.eval()
-    loss_sum, units, metric_sums = 0.0, 0, {}
+    loss_sum, units, metric_sums, metric_counts = 0.0, 0, {}, {}
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
         units += task.units(batch)
         with autocast_context(precision, device):
             out = task.forward(model, to_device(batch, device))
         loss_sum += float(out.loss_sum)
-        for key, value in out.metric_sums.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        accumulate(metric_sums, out.metric_sums)
+        accumulate(metric_counts, out.metric_counts)
     model.train()
     metrics = {"loss": loss_sum / max(units, 1)}
-    metrics.update({k: v / max(units, 1) for k, v in metric_sums.items()})
+    metrics.update(average_metrics(metric_sums, metric_counts, units))
     if task.unit_name == "tokens":
         metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
@@ -134,6 +145,7 @@ def train_loop(
         consumed_micro, train_time_s = state["consumed_micro_batches"], state["train_time_s"]
         if scaler is not None and "grad_scaler" in extra:
             scaler.load_state_dict(extra["grad_scaler"])
+        task.load_state_dict(extra.get("task", {}))
         tracker.truncate_after(step)
         print(f"[soup] resumed from {resume_from} at step {step}")
 
@@ -144,7 +156,9 @@ def train_loop(
             "step": step, "trained_units": trained_units, "consumed_micro_batches": consumed_micro,
             "train_time_s": train_time_s, "sampler": sampler.state_dict(), "total_steps": total_steps,
         }
-        extra = {"grad_scaler": scaler.state_dict()} if scaler is not None else None
+        extra = {"task": task.state_dict()}
+        if scaler is not None:
+            extra["grad_scaler"] = scaler.state_dict()
         return save_checkpoint(checkpoints_dir, step, model, optimizer, scheduler, trainer_state,
                                train_cfg.keep_last_checkpoints, extra)
 
@@ -169,6 +183,7 @@ def train_loop(
             if total_micro_batches is not None:
                 n_micro = min(n_micro, total_micro_batches - consumed_micro)
             step_start = time.perf_counter()
+            task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, model)
             micro_batches = [collate([train_examples[i] for i in sampler.next_batch()]) for _ in range(n_micro)]
             consumed_micro += n_micro
             step_units = sum(task.units(b) for b in micro_batches)
@@ -177,12 +192,16 @@ def train_loop(
                                 "check data.train_on_responses_only and data.max_length.")
 
             step_loss = torch.zeros((), device=device)
+            metric_sums: dict[str, float] = {}
+            metric_counts: dict[str, float] = {}
             for batch in micro_batches:
                 with autocast_context(train_cfg.precision, device):
                     out = task.forward(model, to_device(batch, device))
                 loss = out.loss_sum / step_units
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += out.loss_sum.detach()
+                accumulate(metric_sums, out.metric_sums)
+                accumulate(metric_counts, out.metric_counts)
 
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -219,6 +238,7 @@ def train_loop(
                     f"trained_{task.unit_name}": step_units, f"trained_{task.unit_name}_per_s": rate,
                     "peak_memory_mb": peak_memory_mb(device),
                     "epoch": consumed_micro / sampler.batches_per_epoch,
+                    **average_metrics(metric_sums, metric_counts, step_units),
                 }, step)
 
             if train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0:

@@ -26,11 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from soup.config import register_configs, resolve_device, validate
 from soup.data import build_datasets, collate_padded
+from soup.data.collate import collate_pairs, collate_unpaired
+from soup.data.preference import build_preference_datasets
 from soup.data.dataset import DEMO_FILES, resolve_data_path
 from soup.errors import SoupError
-from soup.loop import train_loop
+from soup.loop import autocast_context, train_loop
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
-from soup.tasks import build_task
+from soup.tasks import PreferenceTask, build_task
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
 
 register_configs()
@@ -73,13 +75,24 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     device = resolve_device(cfg.train.device)
 
     tokenizer = build_tokenizer(cfg.model)
-    splits = build_datasets(cfg.data, tokenizer, cfg.task.name, cfg.seed)
-    if splits.chat_template is not None:
-        # The saved tokenizer carries the template the data was rendered with.
-        tokenizer.chat_template = splits.chat_template
+    task = build_task(cfg.task)
+    if isinstance(task, PreferenceTask):
+        splits = build_preference_datasets(cfg.data, tokenizer, "unpaired" if task.unpaired else "paired", cfg.seed)
+        collate_rows = collate_unpaired if task.unpaired else collate_pairs
+        files = splits.files
+    else:
+        splits = build_datasets(cfg.data, tokenizer, cfg.task.name, cfg.seed)
+        collate_rows = collate_padded
+        files = data_files(cfg.data, cfg.task.name)
     print(f"[soup] {splits.report.summary()}")
     if splits.val_report is not None:
         print(f"[soup] {splits.val_report.summary()}")
+    if splits.chat_template is not None:
+        # The saved tokenizer carries the template the data was rendered with.
+        tokenizer.chat_template = splits.chat_template
+
+    def collate(examples):
+        return collate_rows(examples, tokenizer.pad_token_id)
 
     model = build_model(cfg.model, tokenizer, cfg.seed)
     model = apply_peft(model, cfg.peft, cfg.seed).to(device)
@@ -88,15 +101,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
           f"device={device} precision={cfg.train.precision} peft={cfg.peft.name} quant={cfg.quant.name} "
           f"kernels={cfg.kernels.name} checkpointing={cfg.checkpointing.name} offload={cfg.offload.name} "
           f"parallelism={cfg.parallelism.name}")
+    if isinstance(task, PreferenceTask):
+        print("[soup] " + task.setup(model, cfg.peft.name, splits, collate, cfg.train.eval_batch_size, device,
+                                     lambda: autocast_context(cfg.train.precision, device)))
 
-    task = build_task(cfg.task)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)
     try:
         result = train_loop(
-            cfg, model, task, splits.train, splits.val,
-            lambda examples: collate_padded(examples, tokenizer.pad_token_id),
-            run_dir, tracker, device,
+            cfg, model, task, splits.train, splits.val, collate, run_dir, tracker, device,
         )
     finally:
         tracker.close()
@@ -121,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         "trainable_parameters": trainable,
         "data": {"train": asdict(splits.report), "val": asdict(splits.val_report) if splits.val_report else None},
     }
-    write_run_record(run_dir, config_dict, stats, data_files(cfg.data, cfg.task.name))
+    write_run_record(run_dir, config_dict, stats, files)
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
     print(f"[soup] run dir: {run_dir}")
     return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss

@@ -9,7 +9,7 @@ involve more than one group live in soup/config/validate.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -24,6 +24,45 @@ class TaskConfig:
     """
 
     name: str = MISSING
+
+
+@dataclass
+class PreferenceTaskConfig(TaskConfig):
+    """Preference optimisation: dpo, ipo, kto, orpo, simpo, cpo, bco, or `preference`
+    with `preference_loss=<registered loss>`. Losses live in soup/losses/ (registry).
+
+    A field that the chosen loss does not read must stay at its default; validation
+    rejects it otherwise, naming the losses that do read it.
+    """
+
+    # task=preference: the registered loss to train (e.g. sigmoid, hinge, simpo, bco_pair).
+    preference_loss: Optional[str] = None
+    # task=dpo: the DPO variant (sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair,
+    # sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm).
+    loss_type: str = "sigmoid"
+    # Weighted sum of 2-5 losses, e.g. {sigmoid: 0.7, bco_pair: 0.3}; weights sum to 1.
+    preference_loss_weights: Any = None
+    beta: float = 0.1
+    # constant | linear | cosine | exponential: beta moves from `beta` to `beta_end` over the run.
+    beta_schedule: str = "constant"
+    beta_end: Optional[float] = None
+    label_smoothing: float = 0.0
+    # RPO-style NLL on the chosen answer, added with this weight to a DPO variant.
+    rpo_alpha: Optional[float] = None
+    # auto | copy | adapter | precomputed | none. auto: adapter with peft, else copy; none for
+    # reference-free losses. precomputed: one pass before training, cached on disk.
+    reference: str = "auto"
+    # How the precomputed reference is built: copy or adapter (auto picks as above).
+    precompute_with: str = "auto"
+    ref_cache_dir: str = "~/.cache/soup/reference_logps"
+    # Copy the policy's weights into the reference every N epochs (reference=copy); 0 = never.
+    ref_refresh_epochs: int = 0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    orpo_lambda: float = 0.1
+    discopop_tau: float = 0.05
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 @dataclass
@@ -82,6 +121,9 @@ class DataConfig:
     max_rows: Optional[int] = None
     # The field holding a document for plaintext data.
     text_field: str = "text"
+    # Preference tasks: caps on the prompt (keeps its end) and each completion (keeps its start).
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
 
 
 @dataclass
@@ -242,3 +284,4 @@ def register_configs() -> None:
     cs.store(name="soup_schema", node=SoupConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
+    cs.store(group="task", name="preference_schema", node=PreferenceTaskConfig)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from soup.errors import ConfigError
 
-TASKS = ("sft", "pretrain")
+PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+REFERENCES = ("auto", "copy", "adapter", "precomputed", "none")
 MODELS = ("tiny", "hf")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "chatml", "plaintext", "tool_calling")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -68,6 +73,12 @@ def validate(cfg: DictConfig) -> None:
     one_of("data.overlong", cfg.data.overlong, OVERLONG_POLICIES)
     one_of("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
 
+    if cfg.task.name in PREFERENCE_TASKS:
+        _check_preference(cfg, need)
+    else:
+        need(cfg.data.max_prompt_length is None and cfg.data.max_completion_length is None,
+             f"data.max_prompt_length / data.max_completion_length apply to preference tasks; "
+             f"task={cfg.task.name} reads data.max_length only.")
     _check_model(cfg, need)
     _check_data(cfg, need)
     _check_train(cfg, need)
@@ -111,7 +122,7 @@ def _check_data(cfg: DictConfig, need) -> None:
         need(data.format in ("auto", "plaintext"),
              f"task=pretrain trains on plain documents; data.format={data.format} is a chat format "
              "(use task=sft, or data.format=plaintext).")
-    if cfg.task.name == "sft":
+    if cfg.task.name != "pretrain":
         need(data.format != "plaintext",
              "task=sft needs conversations or instructions; data.format=plaintext belongs to task=pretrain.")
 
@@ -170,3 +181,95 @@ def _check_optim(cfg: DictConfig, need) -> None:
     if cfg.tracker.name == "wandb":
         need(cfg.tracker.mode in ("offline", "online", "disabled"),
              "tracker.mode must be offline, online or disabled.")
+
+
+def _check_preference(cfg: DictConfig, need) -> None:
+    # Imported here: the loss registry fills on import of the loss modules.
+    from soup.config.schema import PreferenceTaskConfig
+    from soup.losses.registry import LOSSES
+    from soup.tasks.preference import LOSS_ALIASES, LOSS_PARAM_FIELDS, TASK_LOSS, UNPAIRED_TASKS
+
+    task = cfg.task
+    paired = sorted(name for name, spec in LOSSES.items() if spec.kind == "paired")
+    names: list[str] = []
+    if task.name == "dpo":
+        need(task.loss_type in DPO_LOSS_TYPES,
+             f"task.loss_type={task.loss_type!r} is not a DPO variant; valid: {', '.join(DPO_LOSS_TYPES)}.")
+        names = [task.loss_type]
+    elif task.name in TASK_LOSS:
+        names = [TASK_LOSS[task.name]]
+    elif task.preference_loss_weights is not None:
+        if not OmegaConf.is_dict(task.preference_loss_weights) or not all(
+                isinstance(w, (int, float)) for w in task.preference_loss_weights.values()):
+            need(False, "task.preference_loss_weights must map loss names to weights, e.g. "
+                        "task.preference_loss_weights={dpo:0.7,bco:0.3}.")
+            return
+        weights = dict(task.preference_loss_weights)
+        need(task.preference_loss is None, "set task.preference_loss or task.preference_loss_weights, not both.")
+        need(2 <= len(weights) <= 5, f"task.preference_loss_weights needs 2 to 5 entries (got {len(weights)}).")
+        need(all(w > 0 for w in weights.values()), "task.preference_loss_weights must all be positive.")
+        need(abs(sum(weights.values()) - 1.0) < 1e-6,
+             f"task.preference_loss_weights must sum to 1 (they sum to {sum(weights.values()):g}).")
+        names = [LOSS_ALIASES.get(n, n) for n in weights]
+    else:
+        need(task.preference_loss is not None,
+             f"task=preference needs task.preference_loss=<name>; valid: {', '.join(paired)}.")
+        names = [LOSS_ALIASES.get(task.preference_loss, task.preference_loss)] if task.preference_loss else []
+    if task.name == "preference":
+        for name in names:
+            need(name in paired, f"task.preference_loss: {name!r} is not a paired preference loss; "
+                                 f"valid: {', '.join(paired)} (aliases: {', '.join(LOSS_ALIASES)}).")
+    if task.name != "dpo":
+        need(task.loss_type == "sigmoid", f"task.loss_type is read by task=dpo only (this is task={task.name}); "
+                                          "use task=dpo, or task.preference_loss with task=preference.")
+    if task.name != "preference":
+        need(task.preference_loss is None and task.preference_loss_weights is None,
+             f"task.preference_loss(_weights) are read by task=preference only (this is task={task.name}).")
+    specs = [LOSSES[n] for n in names if n in LOSSES]
+    if len(specs) != len(names):
+        return
+
+    # Nothing silently ignored: a loss parameter set away from its default must be read.
+    defaults = PreferenceTaskConfig()
+    read = {p for spec in specs for p in spec.params}
+    for field_name in LOSS_PARAM_FIELDS:
+        if field_name not in read and getattr(task, field_name) != getattr(defaults, field_name):
+            readers = sorted(n for n, spec in LOSSES.items() if field_name in spec.params)
+            need(False, f"task.{field_name}={getattr(task, field_name)} is not read by {', '.join(names)}; "
+                        f"losses that read it: {', '.join(readers)}.")
+    needs_reference = any(spec.needs_reference for spec in specs)
+    need(task.beta > 0, f"task.beta must be positive (got {task.beta}).")
+    need(task.beta_schedule in BETA_SCHEDULES,
+         f"task.beta_schedule={task.beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}.")
+    if task.beta_schedule == "constant":
+        need(task.beta_end is None, "task.beta_end needs a task.beta_schedule other than constant.")
+    else:
+        need(task.beta_end is not None and task.beta_end > 0,
+             f"task.beta_schedule={task.beta_schedule} needs task.beta_end > 0 (the value beta reaches at the end).")
+        need("beta" in read, f"task.beta_schedule: {', '.join(names)} does not read beta.")
+    need(task.reference in REFERENCES, f"task.reference={task.reference!r}; valid: {', '.join(REFERENCES)}.")
+    need(task.precompute_with in ("auto", "copy", "adapter"), "task.precompute_with must be auto, copy or adapter.")
+    if task.precompute_with != "auto":
+        need(task.reference == "precomputed", "task.precompute_with applies to task.reference=precomputed only.")
+    if not needs_reference:
+        need(task.reference in ("auto", "none"),
+             f"{', '.join(names)} is reference-free; task.reference={task.reference} would never be used "
+             "(leave task.reference=auto).")
+    else:
+        need(task.reference != "none", f"{', '.join(names)} needs a reference model; task.reference=none cannot work.")
+    uses_adapter = task.reference == "adapter" or (task.reference == "precomputed" and task.precompute_with == "adapter")
+    if uses_adapter:
+        need(cfg.peft.name != "none", "task.reference=adapter disables the LoRA adapters to get the reference; "
+                                      "it needs peft=lora (or use task.reference=copy).")
+    if task.ref_refresh_epochs:
+        need(task.ref_refresh_epochs > 0, "task.ref_refresh_epochs must be >= 0.")
+        copy_ref = task.reference == "copy" or (task.reference == "auto" and cfg.peft.name == "none" and needs_reference)
+        need(copy_ref, "task.ref_refresh_epochs copies the policy into a frozen reference copy: it needs "
+                       "task.reference=copy (a precomputed or adapter-disabled reference cannot be refreshed).")
+    if task.rpo_alpha is not None:
+        need(task.name in ("dpo", "preference"), "task.rpo_alpha adds an NLL term to a DPO variant (task=dpo).")
+        need(task.rpo_alpha >= 0, "task.rpo_alpha must be >= 0.")
+    need(task.name in UNPAIRED_TASKS or all(spec.kind == "paired" for spec in specs),
+         "an unpaired loss needs task=kto or task=bco.")
+    need(cfg.data.format == "auto", "data.format applies to sft/pretrain; preference rows are recognised by their "
+                                    "fields (prompt/chosen/rejected or prompt/completion/label).")

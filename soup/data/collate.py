@@ -36,3 +36,40 @@ def collate_padded(examples: Sequence[dict], pad_token_id: int) -> dict[str, tor
         labels[b, :n] = torch.tensor(example["labels"], dtype=torch.long)
         attention_mask[b, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _prompt_completion_rows(prompt_and_completions: list[tuple[list[int], list[int]]]) -> list[dict]:
+    """Rows whose labels mask the prompt and train the completion."""
+    return [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in prompt_and_completions]
+
+
+def collate_pairs(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected of every pair stacked into one batch for a single forward pass.
+
+    Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected; labels cover the
+    completions only. Adds ref_logps [2B] when the examples carry precomputed
+    reference log-probs (ref_chosen, ref_rejected).
+    """
+    rows = _prompt_completion_rows([(e["prompt_ids"], e["chosen_ids"]) for e in examples]
+                                   + [(e["prompt_ids"], e["rejected_ids"]) for e in examples])
+    batch = collate_padded(rows, pad_token_id)
+    if all("ref_chosen" in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples],
+                                          dtype=torch.float32)
+    return batch
+
+
+def collate_unpaired(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """KTO/BCO rows: B matched prompt+completion rows, then B mismatched rows
+    (prompt_i + another example's completion) for the KL reference point.
+
+    Adds desirable [B] bool, and ref_logps [2B] when precomputed (ref_logp, ref_kl_logp).
+    """
+    rows = _prompt_completion_rows([(e["prompt_ids"], e["completion_ids"]) for e in examples]
+                                   + [(e["prompt_ids"], e["kl_completion_ids"]) for e in examples])
+    batch = collate_padded(rows, pad_token_id)
+    batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+    if all("ref_logp" in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e["ref_logp"] for e in examples] + [e["ref_kl_logp"] for e in examples],
+                                          dtype=torch.float32)
+    return batch

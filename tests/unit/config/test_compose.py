@@ -42,7 +42,8 @@ def test_every_option_is_typed_by_its_group_schema(group):
         if (group, option) == ("data", "file"):
             overrides += ["data.train_file=x.jsonl", "train.eval_every_steps=0"]
         cfg = make(*overrides)
-        assert OmegaConf.get_type(cfg[group]) is GROUP_SCHEMAS[group], f"{group}/{option}.yaml lacks its schema"
+        schema = OmegaConf.get_type(cfg[group])
+        assert schema is not None and issubclass(schema, GROUP_SCHEMAS[group]), f"{group}/{option}.yaml lacks its schema"
         assert cfg[group].name == option
 
 
