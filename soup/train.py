@@ -103,7 +103,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
           f"parallelism={cfg.parallelism.name}")
     if isinstance(task, PreferenceTask):
         print("[soup] " + task.setup(model, cfg.peft.name, splits, collate, cfg.train.eval_batch_size, device,
-                                     lambda: autocast_context(cfg.train.precision, device)))
+                                     cfg.train.precision, lambda: autocast_context(cfg.train.precision, device)))
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)

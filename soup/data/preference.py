@@ -10,8 +10,10 @@ Each field is a string or a list of chat messages:
 Truncation, with counts in the report: a completion keeps its start (at most
 data.max_completion_length tokens), a prompt keeps its end (at most
 data.max_prompt_length tokens), and if prompt + longest completion still exceeds
-data.max_length the prompt loses more of its start. data.overlong=drop drops such
-rows instead.
+data.max_length the prompt loses more of its start. With data.max_completion_length
+unset, a completion may use what the prompt leaves, but the prompt always keeps up
+to half of data.max_length (or data.max_prompt_length), so a long answer never
+pushes the question out entirely. data.overlong=drop drops such rows instead.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class PreferenceReport:
     rows_held_out: int = 0
     rows_used: int = 0
     prompts_truncated: int = 0
+    # Rows with at least one completion cut (a pair counts once).
     completions_truncated: int = 0
     rows_dropped: int = 0
     max_prompt_tokens: int = 0
@@ -51,7 +54,7 @@ class PreferenceReport:
         held = f", {self.rows_held_out} held out for val" if self.rows_held_out else ""
         return (f"data {self.split}: {self.rows_read} {self.shape} rows of {self.source}{held} -> "
                 f"{self.rows_used} used, {self.rows_dropped} dropped as too long; truncated: "
-                f"{self.prompts_truncated} prompts (start cut), {self.completions_truncated} completions (end cut); "
+                f"{self.prompts_truncated} prompts (start cut), {self.completions_truncated} rows' completions (end cut); "
                 f"longest prompt {self.max_prompt_tokens}, completion {self.max_completion_tokens} tokens")
 
 
@@ -110,7 +113,8 @@ class _Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Optional[str], data_cfg: Any):
         self.tokenizer, self.template, self.cfg = tokenizer, template, data_cfg
         self.max_prompt = data_cfg.max_prompt_length or data_cfg.max_length
-        self.max_completion = data_cfg.max_completion_length or data_cfg.max_length
+        # The prompt's guaranteed share when the completion has no cap of its own.
+        self.prompt_floor = min(self.max_prompt, data_cfg.max_length // 2)
 
     def build(self, rows: list[Row], shape: str, split: str, source: str, seed: int):
         report = PreferenceReport(split=split, source=source, shape=shape, rows_read=len(rows))
@@ -135,10 +139,7 @@ class _Encoder:
                     raise row_error(row, "the row has no 'chosen'/'rejected' fields, which this task needs",
                                     fix="use task=kto or task=bco for {prompt, completion, label} rows.")
                 prompt, completion = self._field(row, "prompt"), self._field(row, "completion")
-                label = self._field(row, "label")
-                if not isinstance(label, bool):
-                    raise row_error(row, f"label is {label!r} ({type(label).__name__}), not a bool",
-                                    fix='write "label": true for a desirable completion, false otherwise.')
+                label = self._label(row)
                 prompt_ids, (completion_ids,) = self._encode(row, prompt, [completion], report)
                 if prompt_ids is None:
                     continue
@@ -171,6 +172,17 @@ class _Encoder:
         raise row_error(row, f"'{key}' is a {type(value).__name__}; it must be a string or a list of messages",
                         fix=f"write {key} as a string or as [{{\"role\": ..., \"content\": ...}}].")
 
+    def _label(self, row: Row) -> bool:
+        # Not through _field: a label is a JSON bool, never text or messages.
+        if "label" not in row.record:
+            raise row_error(row, "the row has no field 'label'",
+                            fix="unpaired rows need prompt, completion and label (true = desirable).")
+        label = row.record["label"]
+        if not isinstance(label, bool):
+            raise row_error(row, f"label is {label!r} ({type(label).__name__}), not a bool",
+                            fix='write "label": true for a desirable completion, false otherwise.')
+        return label
+
     def _encode(self, row: Row, prompt, completions: list, report: PreferenceReport):
         """Token ids of the prompt and of each completion, truncated by the policy above."""
         conversational = isinstance(prompt, list)
@@ -192,21 +204,27 @@ class _Encoder:
             prompt_ids = tok(prompt_text, add_special_tokens=add_special)["input_ids"]
             completion_ids = [tok(text, add_special_tokens=False)["input_ids"] for text in completion_texts]
         else:
-            prompt_ids = tok(prompt)["input_ids"] if prompt else ([tok.bos_token_id] if tok.bos_token_id is not None else [])
+            # Plain text starts with one BOS whether or not the tokenizer adds it itself
+            # (the byte tokenizer does not), as pretraining documents do (tokenize_text).
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            if tok.bos_token_id is not None and prompt_ids[:1] != [tok.bos_token_id]:
+                prompt_ids = [tok.bos_token_id] + prompt_ids
             eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
             completion_ids = [tok(text, add_special_tokens=False)["input_ids"] + eos for text in completions]
 
         report.max_prompt_tokens = max(report.max_prompt_tokens, len(prompt_ids))
         report.max_completion_tokens = max(report.max_completion_tokens, *(len(c) for c in completion_ids))
         longest = max(len(c) for c in completion_ids)
-        needs_cut = (len(prompt_ids) > self.max_prompt or longest > self.max_completion
+        max_completion = self.cfg.max_completion_length or (
+            self.cfg.max_length - min(len(prompt_ids), self.prompt_floor))
+        needs_cut = (len(prompt_ids) > self.max_prompt or longest > max_completion
                      or len(prompt_ids) + longest > self.cfg.max_length)
         if needs_cut and self.cfg.overlong == "drop":
             report.rows_dropped += 1
             return None, [None] * len(completions)
-        if any(len(c) > self.max_completion for c in completion_ids):
+        if any(len(c) > max_completion for c in completion_ids):
             report.completions_truncated += 1
-            completion_ids = [c[: self.max_completion] for c in completion_ids]
+            completion_ids = [c[:max_completion] for c in completion_ids]
         longest = max(len(c) for c in completion_ids)
         prompt_budget = min(self.max_prompt, self.cfg.max_length - longest)
         if prompt_budget < 1 and prompt_ids:

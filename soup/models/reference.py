@@ -19,8 +19,6 @@ from typing import Callable
 
 import torch
 
-from soup.tasks.logps import sequence_logps
-
 
 class FrozenCopyReference:
     """A frozen copy of the policy's initial weights."""
@@ -33,7 +31,7 @@ class FrozenCopyReference:
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sequence_logps(self.model, batch)[0]
+        return _sequence_logps(self.model, batch)
 
     def refresh_from(self, policy: torch.nn.Module) -> None:
         """Copy the policy's current weights into the reference (reference refresh)."""
@@ -59,9 +57,18 @@ class DisabledAdapterReference:
         self.policy.eval()
         try:
             with self.policy.disable_adapter():
-                return sequence_logps(self.policy, batch)[0]
+                return _sequence_logps(self.policy, batch)
         finally:
             self.policy.train(was_training)
+
+
+def _sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Imported here, not at the top: importing soup.tasks loads soup.tasks.preference,
+    # which imports this module, so a top-level import fails whenever this module is
+    # imported before soup.tasks.
+    from soup.tasks.logps import sequence_logps
+
+    return sequence_logps(model, batch)[0]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

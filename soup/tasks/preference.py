@@ -89,7 +89,7 @@ class PreferenceTask(Task):
     # ------------------------------------------------------------------ setup
 
     def setup(self, model: torch.nn.Module, peft_name: str, splits, collate, batch_size: int,
-              device: torch.device, autocast) -> str:
+              device: torch.device, precision: str, autocast) -> str:
         """Build the reference (and precompute its log-probs when asked). Returns a log line."""
         self.strategy = reference_strategy(self.cfg, peft_name, self.needs_reference)
         if self.strategy == "none":
@@ -103,7 +103,8 @@ class PreferenceTask(Task):
         if self.strategy != "precomputed":
             self.reference = reference
             return f"reference: {self.strategy}"
-        model_key = weights_fingerprint(reference.model if build_with == "copy" else model)
+        # Precision is in the key: a bf16-autocast pass must not serve an fp32 run.
+        model_key = weights_fingerprint(reference.model if build_with == "copy" else model) + f"|{precision}"
         keys = (("ref_logp", "ref_kl_logp"), ("prompt_ids", "completion_ids", "kl_completion_ids")) if self.unpaired \
             else (("ref_chosen", "ref_rejected"), ("prompt_ids", "chosen_ids", "rejected_ids"))
         cached = []
