@@ -125,9 +125,15 @@ def train_loop(
     tracker,
     device: torch.device,
     is_main_process: bool = True,
+    sampler=None,
+    eval_collate: Callable[[list], Batch] | None = None,
 ) -> LoopResult:
+    """Optimise `model` on `train_examples`. `sampler` defaults to shuffled micro-batches
+    of train.micro_batch_size (multipack passes its own); `eval_collate` defaults to `collate`."""
     train_cfg = cfg.train
-    sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed)
+    if sampler is None:
+        sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed)
+    eval_collate = eval_collate or collate
     total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch)
     # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
     total_micro_batches = None if train_cfg.max_steps > 0 else train_cfg.epochs * sampler.batches_per_epoch
@@ -165,7 +171,8 @@ def train_loop(
     def run_eval() -> float | None:
         if not val_examples:
             return None
-        metrics = evaluate(model, task, val_examples, collate, train_cfg.eval_batch_size, device, train_cfg.precision)
+        metrics = evaluate(model, task, val_examples, eval_collate, train_cfg.eval_batch_size, device,
+                           train_cfg.precision)
         tracker.log(metrics, step, split="eval")
         return metrics["loss"]
 

@@ -31,6 +31,7 @@ from soup.data.preference import build_preference_datasets
 from soup.data.dataset import DEMO_FILES, resolve_data_path
 from soup.errors import SoupError
 from soup.loop import autocast_context, train_loop
+from soup.memory.setup import apply_memory_features
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
 from soup.tasks import PreferenceTask, build_task
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
@@ -67,6 +68,34 @@ def data_files(data_cfg: DictConfig, task_name: str) -> list[str]:
     return [str(f) for f in files]
 
 
+def arrange_batches(cfg: DictConfig, examples: list, padded_collate, tokenizer):
+    """Packing or multipack: (train rows, sampler, train collate, eval collate)."""
+    if cfg.data.packing:
+        from soup.data.packing import collate_packed, pack_examples, packing_efficiency
+
+        rows = pack_examples(examples, cfg.data.max_length, seed=cfg.seed)
+        print(f"[soup] packing: {len(examples)} examples -> {len(rows)} rows of <= {cfg.data.max_length} tokens, "
+              f"efficiency {packing_efficiency(rows, cfg.data.max_length):.3f}, cross-document attention "
+              f"{'masked' if cfg.data.packing_cross_doc_attn_mask else 'allowed'}")
+
+        def collate(batch_rows):
+            return collate_packed(batch_rows, tokenizer.pad_token_id, cfg.data.packing_cross_doc_attn_mask,
+                                  cfg.model.attn_implementation)
+
+        # Evaluation stays on padded examples, so its loss means the same with or without packing.
+        return rows, None, collate, padded_collate
+    from soup.data.multipack import MultipackBatchSampler, naive_padding_efficiency
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    sampler = MultipackBatchSampler(lengths, cfg.train.micro_batch_size, cfg.data.max_length, cfg.seed,
+                                    max_items_per_bin=cfg.data.multipack_max_items_per_bin,
+                                    max_mask_cells=cfg.data.multipack_max_mask_cells)
+    naive = naive_padding_efficiency(lengths, cfg.train.micro_batch_size, cfg.seed)
+    print(f"[soup] multipack: {sampler.batches_per_epoch} bins per epoch, efficiency {sampler.efficiency:.3f} "
+          f"of capacity, {sampler.padded_efficiency:.3f} of padded cells (random batches: {naive:.3f})")
+    return examples, sampler, padded_collate, None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train according to `cfg`, writing everything under `run_dir`; return the objective."""
     started = time.time()
@@ -75,7 +104,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     device = resolve_device(cfg.train.device)
 
     tokenizer = build_tokenizer(cfg.model)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, cfg.kernels)
     if isinstance(task, PreferenceTask):
         splits = build_preference_datasets(cfg.data, tokenizer, "unpaired" if task.unpaired else "paired", cfg.seed)
         collate_rows = collate_unpaired if task.unpaired else collate_pairs
@@ -94,6 +123,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     def collate(examples):
         return collate_rows(examples, tokenizer.pad_token_id)
 
+    train_examples, sampler, eval_collate = splits.train, None, None
+    if cfg.data.packing or cfg.data.multipack:
+        train_examples, sampler, collate, eval_collate = arrange_batches(cfg, splits.train, collate, tokenizer)
+
     model = build_model(cfg.model, tokenizer, cfg.seed)
     model = apply_peft(model, cfg.peft, cfg.seed).to(device)
     trainable, total = count_parameters(model)
@@ -102,17 +135,24 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
           f"kernels={cfg.kernels.name} checkpointing={cfg.checkpointing.name} offload={cfg.offload.name} "
           f"parallelism={cfg.parallelism.name}")
     if isinstance(task, PreferenceTask):
+        # Before the memory features: a frozen reference copy needs no checkpointing or compilation.
         print("[soup] " + task.setup(model, cfg.peft.name, splits, collate, cfg.train.eval_batch_size, device,
                                      cfg.train.precision, lambda: autocast_context(cfg.train.precision, device)))
+    sample_batch = collate(train_examples[: cfg.train.micro_batch_size])
+    model, features = apply_memory_features(model, cfg, run_dir, device, sample_batch)
+    for line in features.lines:
+        print(f"[soup] {line}")
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)
     try:
-        result = train_loop(
-            cfg, model, task, splits.train, splits.val, collate, run_dir, tracker, device,
-        )
+        result = train_loop(cfg, model, task, train_examples, splits.val, collate, run_dir, tracker, device,
+                            sampler=sampler, eval_collate=eval_collate)
     finally:
         tracker.close()
+        features.close()
+    for line in features.summaries():
+        print(f"[soup] {line}")
 
     if not result.interrupted:
         final_dir = run_dir / "final"

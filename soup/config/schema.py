@@ -121,6 +121,14 @@ class DataConfig:
     max_rows: Optional[int] = None
     # The field holding a document for plaintext data.
     text_field: str = "text"
+    # Concatenate examples into rows of max_length (position ids restart per document).
+    packing: bool = False
+    # With packing: attention stays inside each document (block-diagonal causal mask).
+    packing_cross_doc_attn_mask: bool = False
+    # First-Fit-Decreasing bins of at most micro_batch_size x max_length tokens per micro-batch.
+    multipack: bool = False
+    multipack_max_items_per_bin: Optional[int] = None
+    multipack_max_mask_cells: Optional[int] = None
     # Preference tasks: caps on the prompt (keeps its end) and each completion (keeps its start).
     max_prompt_length: Optional[int] = None
     max_completion_length: Optional[int] = None
@@ -135,30 +143,50 @@ class BackendConfig:
 
 @dataclass
 class QuantConfig:
-    """Weight quantisation of the base model (options arrive with the quantisation issue)."""
+    """Low-precision training of the base model.
+
+    fp8: torchao float8 training of the linear layers (CUDA compute capability >= 8.9;
+    emulated on CPU for testing). int8_qat: quantisation-aware training with torchao
+    fake quantisation.
+    """
 
     name: str = MISSING
+    # fp8: tensorwise | rowwise | rowwise_with_gw_hp
+    fp8_recipe: str = "tensorwise"
+    # int8_qat: weight quantisation group size.
+    qat_group_size: int = 32
 
 
 @dataclass
 class KernelsConfig:
-    """Fused kernels and compilation (options arrive with the speed issue)."""
+    """Fused kernels and compilation: none | liger | flash_attn | compile | auto.
+
+    cut_ce decides how the loss meets the LM head, with any of them: off (the head on
+    labelled positions, then cross-entropy), chunked (our chunked linear cross-entropy,
+    never materialising [tokens x vocab] logits), cce (the cut-cross-entropy package).
+    """
 
     name: str = MISSING
+    cut_ce: str = "off"
+    ce_chunk_size: int = 4096
 
 
 @dataclass
 class CheckpointingConfig:
-    """Gradient (activation) checkpointing tier."""
+    """Gradient (activation) checkpointing tier: none | full | medium | selective | auto."""
 
     name: str = MISSING
 
 
 @dataclass
 class OffloadConfig:
-    """Activation offloading target."""
+    """Activation offloading target: none | cpu (pinned host memory, CUDA) | disk."""
 
     name: str = MISSING
+    # disk: where saved activations go, relative to the run directory (must stay inside it).
+    scratch_dir: str = "offload_scratch"
+    # Saved tensors smaller than this stay in memory.
+    min_bytes: int = 65536
 
 
 @dataclass

@@ -23,10 +23,12 @@ MODELS = ("tiny", "hf")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "chatml", "plaintext", "tool_calling")
 OVERLONG_POLICIES = ("truncate", "drop")
 BACKENDS = ("transformers",)
-QUANTS = ("none",)
-KERNELS = ("none",)
-CHECKPOINTING = ("none",)
-OFFLOADS = ("none",)
+QUANTS = ("none", "fp8", "int8_qat")
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+KERNELS = ("none", "liger", "flash_attn", "compile", "auto")
+CUT_CE = ("off", "chunked", "cce")
+CHECKPOINTING = ("none", "full", "medium", "selective", "auto")
+OFFLOADS = ("none", "cpu", "disk")
 PARALLELISMS = ("single",)
 PEFTS = ("none", "lora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -84,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
     _check_train(cfg, need)
     _check_device(cfg, need)
     _check_optim(cfg, need)
+    _check_memory(cfg, need)
 
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -273,3 +276,70 @@ def _check_preference(cfg: DictConfig, need) -> None:
          "an unpaired loss needs task=kto or task=bco.")
     need(cfg.data.format == "auto", "data.format applies to sft/pretrain; preference rows are recognised by their "
                                     "fields (prompt/chosen/rejected or prompt/completion/label).")
+
+
+def _check_memory(cfg: DictConfig, need) -> None:
+    """Packing, kernels, checkpointing, offload and low-precision training."""
+    import importlib.util
+
+    data, kernels, quant, offload = cfg.data, cfg.kernels, cfg.quant, cfg.offload
+    device = resolve_device(cfg.train.device) if cfg.train.device != "cuda" or torch.cuda.is_available() else None
+    token_task = cfg.task.name in ("sft", "pretrain")
+
+    need(not (data.packing and data.multipack),
+         "data.packing and data.multipack are two answers to padding waste; pick one.")
+    need(not data.packing_cross_doc_attn_mask or data.packing,
+         "data.packing_cross_doc_attn_mask needs data.packing=true (there are no documents to separate).")
+    need(data.multipack or (data.multipack_max_items_per_bin is None and data.multipack_max_mask_cells is None),
+         "data.multipack_max_items_per_bin / data.multipack_max_mask_cells need data.multipack=true.")
+    if not token_task:
+        need(not (data.packing or data.multipack),
+             f"data.packing / data.multipack apply to sft and pretrain; task={cfg.task.name} batches pairs.")
+        need(kernels.cut_ce == "off", f"kernels.cut_ce={kernels.cut_ce} applies to sft and pretrain; "
+                                      f"task={cfg.task.name} scores completions with sequence log-probs.")
+    if data.packing_cross_doc_attn_mask and cfg.model.attn_implementation == "flash_attention_2":
+        need(kernels.name in ("flash_attn", "none"), "cross-document masks with flash_attention_2 use its varlen path.")
+
+    need(kernels.cut_ce in CUT_CE, f"kernels.cut_ce={kernels.cut_ce!r}; valid: {', '.join(CUT_CE)}.")
+    need(kernels.ce_chunk_size > 0, "kernels.ce_chunk_size must be positive.")
+    if kernels.cut_ce != "chunked":
+        need(kernels.ce_chunk_size == 4096, "kernels.ce_chunk_size is read by kernels.cut_ce=chunked only.")
+    if kernels.cut_ce == "cce":
+        need(importlib.util.find_spec("cut_cross_entropy") is not None,
+             "kernels.cut_ce=cce needs the cut-cross-entropy package: pip install 'soup-harness[cce]' "
+             "(or use kernels.cut_ce=chunked, our own).")
+    if kernels.name in ("liger", "flash_attn", "compile") and device is not None:
+        from soup.memory.kernels import kernels_support
+
+        ok, reason = kernels_support(kernels.name, device)
+        need(ok, f"kernels={kernels.name}: {reason}")
+    if kernels.name == "flash_attn":
+        need(cfg.train.precision in ("bf16", "fp16"), "kernels=flash_attn runs in half precision only: "
+                                                      "set train.precision=bf16 (or fp16).")
+
+    need(quant.fp8_recipe in FP8_RECIPES, f"quant.fp8_recipe={quant.fp8_recipe!r}; valid: {', '.join(FP8_RECIPES)}.")
+    if quant.name != "fp8":
+        need(quant.fp8_recipe == "tensorwise", "quant.fp8_recipe is read by quant=fp8 only.")
+    if quant.name != "int8_qat":
+        need(quant.qat_group_size == 32, "quant.qat_group_size is read by quant=int8_qat only.")
+    if quant.name in ("fp8", "int8_qat"):
+        need(importlib.util.find_spec("torchao") is not None,
+             f"quant={quant.name} needs torchao: pip install 'soup-harness[fp8]'.")
+        need(cfg.peft.name == "none", f"quant={quant.name} converts the linear layers for training; combining it "
+                                      "with peft adapters is not supported: use peft=none.")
+    if quant.name == "fp8" and device is not None and device.type == "cuda":
+        from soup.memory.fp8 import fp8_support
+
+        ok, reason = fp8_support(device)
+        need(ok, f"quant=fp8: {reason}")
+
+    on_cuda = device is not None and device.type == "cuda"
+    if offload.name == "cpu":
+        need(on_cuda, "offload=cpu moves activations from GPU memory to host memory; on a CPU-only machine "
+                      "there is nothing to offload to. Use offload=disk to cut peak RAM, or offload=none.")
+    need(offload.name == "disk" or offload.scratch_dir == "offload_scratch",
+         "offload.scratch_dir is read by offload=disk only.")
+    if offload.name == "disk":
+        need(not os.path.isabs(offload.scratch_dir) and ".." not in offload.scratch_dir.split("/"),
+             f"offload.scratch_dir={offload.scratch_dir!r} must be a path inside the run directory "
+             "(relative, no '..').")

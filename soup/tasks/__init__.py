@@ -15,7 +15,9 @@ TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 
-def build_task(task_cfg) -> Task:
+def build_task(task_cfg, kernels_cfg=None) -> Task:
+    if TASKS[task_cfg.name] in (SFTTask, PretrainTask):
+        return TASKS[task_cfg.name](task_cfg, kernels_cfg)
     return TASKS[task_cfg.name](task_cfg)
 
 

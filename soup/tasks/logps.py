@@ -1,9 +1,9 @@
-"""Per-sequence log-probabilities with the LM head applied only where a label is.
+"""Hidden states of labelled positions, and per-sequence log-probabilities from them.
 
-A preference step needs log p(completion | prompt) summed over completion tokens.
-Materialising [rows, seq, vocab] logits to read a few hundred positions wastes most
-of the head's FLOPs and memory, so the model runs with logits_to_keep=1 and the head
-is applied to the final hidden states of labelled positions only.
+A loss needs the LM head's output only where a label is. Materialising
+[rows, seq, vocab] logits to read a few positions wastes most of the head's FLOPs and
+memory, so the model runs with logits_to_keep=1 and the head (or a chunked loss that
+owns the head) is applied to the final hidden states of labelled positions only.
 """
 
 from __future__ import annotations
@@ -12,22 +12,42 @@ import torch
 
 from soup.losses.sft import IGNORE_INDEX
 
+# Batch entries that are targets or side information, not model inputs.
+NON_MODEL_KEYS = ("labels", "ref_logps", "desirable")
+
+
+def labelled_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """Final hidden states at positions that predict a label.
+
+    batch: input_ids, attention_mask (or a packed row's position_ids and mask), labels
+    [rows, seq] unshifted (position t predicts labels[t + 1]).
+    Returns (hidden [selected, hidden_size], targets [selected], row_of_each [selected]).
+    """
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    return hidden[mask], targets[mask], mask.nonzero(as_tuple=True)[0]
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on selected hidden states, in fp32, with the model's logit soft-capping if any."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each row, and how many there are.
 
-    batch: input_ids, attention_mask, labels [rows, seq] (labels unshifted; IGNORE_INDEX
-    where no target). Returns (logps [rows] fp32, tokens [rows] long).
+    Returns (logps [rows] fp32, tokens [rows] long).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, :-1]  # position t predicts token t + 1
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    head = model.get_output_embeddings()
-    logits = head(hidden[mask]).float()  # [selected, vocab]
-    token_logps = logits.log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    rows = mask.nonzero(as_tuple=True)[0]
-    sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps)
-    return sums, mask.sum(-1)
+    hidden, targets, rows = labelled_hidden_states(model, batch)
+    token_logps = head_logits(model, hidden).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    n_rows = batch["labels"].shape[0]
+    sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    tokens = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
+    return sums, tokens

@@ -1,0 +1,1 @@
+"""Memory features that wrap the model: gradient checkpointing tiers, activation offloading."""

@@ -1,0 +1,89 @@
+"""Memory and speed features through the CLI: each is live, and the exact ones change nothing but memory."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+BASE = ["debug=tiny", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "train.eval_every_steps=0",
+        "data.val_split=0"]
+
+
+def train(tmp_path, name, *overrides):
+    run_dir = tmp_path / name
+    proc = run_cli(*BASE, *overrides, f"hydra.run.dir={run_dir}")
+    return run_dir, proc.stdout
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    run_dir, _ = train(tmp_path_factory.mktemp("base"), "none")
+    return run_dir
+
+
+@pytest.mark.parametrize("overrides", [
+    ["checkpointing=full"], ["checkpointing=medium"], ["checkpointing=selective"], ["checkpointing=auto"],
+    ["offload=disk"], ["checkpointing=medium", "offload=disk"], ["kernels=chunked_ce", "kernels.ce_chunk_size=64"],
+])
+def test_exact_memory_features_train_the_same_weights(baseline, tmp_path, overrides):
+    run_dir, out = train(tmp_path, "feature", *overrides)
+    expected = weights(baseline)
+    for name, tensor in weights(run_dir).items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert any(word in out for word in ("checkpointing:", "offload:", "loss: LM head"))
+    assert not (run_dir / "offload_scratch").exists() or not any((run_dir / "offload_scratch").iterdir())
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int8_qat"])
+def test_low_precision_training_is_live(baseline, tmp_path, quant):
+    run_dir, out = train(tmp_path, quant, f"quant={quant}")
+    assert quant in out
+    assert losses(run_dir) != losses(baseline)
+    assert abs(losses(run_dir)[-1] - losses(baseline)[-1]) < 0.2
+
+
+def test_cpu_offload_is_rejected_on_a_cpu_machine(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the rule is for machines without CUDA")
+    proc = run_cli(*BASE, "offload=cpu", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "offload=disk" in proc.stderr
+
+
+def test_kernels_auto_logs_its_choice_and_timings(tmp_path):
+    _, out = train(tmp_path, "auto", "kernels=auto", "train.max_steps=2")
+    line = next(l for l in out.splitlines() if "kernels: auto" in l)
+    assert "none=" in line and "ms" in line
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["data.packing=true"], "cross-document attention allowed"),
+    (["data.packing=true", "data.packing_cross_doc_attn_mask=true"], "cross-document attention masked"),
+    (["data.packing=true", "data.packing_cross_doc_attn_mask=true", "model.attn_implementation=eager"], "masked"),
+    (["data.multipack=true"], "multipack:"),
+])
+def test_packing_and_multipack_train_and_report_efficiency(tmp_path, overrides, expect):
+    run_dir, out = train(tmp_path, "packed", *overrides, "data.val_split=0.1", "train.eval_every_steps=3")
+    assert expect in out
+    assert "efficiency" in out
+    assert all(loss == loss for loss in losses(run_dir))  # finite, not NaN
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["stats"]["trained_tokens"] > 0
+
+
+def test_packing_without_the_flag_is_rejected_at_config_load(tmp_path):
+    proc = run_cli(*BASE, "data.packing_cross_doc_attn_mask=true", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "data.packing=true" in proc.stderr
