@@ -168,7 +168,8 @@ class KernelsConfig:
 
     name: str = MISSING
     cut_ce: str = "off"
-    ce_chunk_size: int = 4096
+    # Rows per chunk: the peak extra memory is about chunk x vocab x 4 bytes (256 MiB at 128k vocab).
+    ce_chunk_size: int = 512
 
 
 @dataclass

@@ -303,7 +303,7 @@ def _check_memory(cfg: DictConfig, need) -> None:
     need(kernels.cut_ce in CUT_CE, f"kernels.cut_ce={kernels.cut_ce!r}; valid: {', '.join(CUT_CE)}.")
     need(kernels.ce_chunk_size > 0, "kernels.ce_chunk_size must be positive.")
     if kernels.cut_ce != "chunked":
-        need(kernels.ce_chunk_size == 4096, "kernels.ce_chunk_size is read by kernels.cut_ce=chunked only.")
+        need(kernels.ce_chunk_size == 512, "kernels.ce_chunk_size is read by kernels.cut_ce=chunked only.")
     if kernels.cut_ce == "cce":
         need(importlib.util.find_spec("cut_cross_entropy") is not None,
              "kernels.cut_ce=cce needs the cut-cross-entropy package: pip install 'soup-harness[cce]' "

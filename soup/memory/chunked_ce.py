@@ -11,8 +11,8 @@ rows at a time.
 
 Forward, for each chunk of rows (z = logits of the chunk, in fp32):
 
-    z      = h W^T + b                       [chunk, V]   (matmul in the input dtype)
-    z      = s * tanh(z / s)                 (optional Gemma-style softcap s)
+    zraw   = h W^T + b                       [chunk, V]   (matmul in the input dtype)
+    z      = s * tanh(zraw / s)              (optional Gemma-style softcap s; else z = zraw)
     lse_i  = log sum_v exp(z_iv)             kept: [N] fp32
     loss  += sum_i (lse_i - z_{i, y_i})      over rows whose target is not ignored
 
@@ -24,14 +24,16 @@ Backward recomputes each chunk's z (one more head matmul, the price of the memor
     dL/dW     += dL/dzraw^T h                            [V, H], fp32 accumulator
     dL/db     += sum_i dL/dzraw_i                        [V], fp32 accumulator
 
-Memory beyond the inputs and their gradients: the [N] logsumexp, plus a few [chunk, V]
-buffers while a chunk is live (its fp32 logits, the probabilities, the input-dtype
-copies feeding the matmuls), so the peak is O(chunk_size x V), independent of N; and a
-[V, H] fp32 accumulator for dL/dW when the input dtype is not fp32. Pick chunk_size so
-chunk_size x V x 4 B is small: at V = 128k, 256 rows is 128 MiB a buffer, while the
-default 4096 rows is 2 GiB a buffer (no saving at N <= 4096 beyond not keeping the
-log-softmax). Gradient work for a head that requires no grad (a frozen head under LoRA)
-or hidden states that require none is skipped.
+Memory beyond the inputs and their gradients, O(chunk_size x V) and independent of N:
+the [N] logsumexp; one [chunk, V] fp32 buffer reused by every chunk (two in backward with
+a softcap, for tanh), plus one [chunk, V] input-dtype buffer when the inputs are bf16/fp16;
+and, for bf16/fp16 with a trainable head, an fp32 [V, H] dL/dW accumulator and a [V, H]
+scratch. Pick chunk_size so chunk_size x V x 4 B is small: at V = 128k, 256 rows is 128 MiB,
+while the default 4096 rows is 2 GiB (at N <= 4096 that saves only the log-softmax and
+gradient tensors F.cross_entropy would add). Gradient work for a head that requires no
+grad (a frozen head under LoRA) or hidden states that require none is skipped.
+Measured by scripts/bench/memory_ce.py (V = 128256, N = 4096, H = 256, fp32, CPU): loss +
+backward peak 6311 MB with full logits, 273 MB at chunk_size=256 (23x less).
 
 `cce_linear_cross_entropy` gives the same (loss_sum, n_targets) contract through Apple's
 cut-cross-entropy package, whose Triton kernel also never writes the logits to memory.
@@ -42,7 +44,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from soup.errors import require
 from soup.losses.sft import IGNORE_INDEX
@@ -53,10 +55,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     forward(hidden [N, H], weight [V, H], bias [V] | None, targets [N] long, chunk_size: int,
             ignore_index: int, softcap: float | None) -> loss_sum: scalar fp32.
-    hidden, weight and bias share one dtype (fp32 or bf16/fp16); the matmuls run in it and
-    the softmax and all sums in fp32 (fp64 for fp64 inputs, so gradcheck works). Gradients
-    come back in the inputs' dtypes. Call through
-    `linear_cross_entropy`, which also checks shapes and drops ignored rows first.
+    hidden, weight and bias share one dtype (fp32 or bf16/fp16); the matmuls run in it, the
+    softmax and every sum in fp32 (fp64 for fp64 inputs, so gradcheck works). Gradients come
+    back in the inputs' dtypes. Call through `linear_cross_entropy`, which also checks
+    shapes and drops ignored rows first.
+
+    Each pass allocates its [chunk, V] buffers once and reuses them for every chunk: a
+    fresh 100 MB tensor a chunk costs page faults on CPU (glibc mmaps allocations that
+    large) and allocator churn on GPU.
     """
 
     @staticmethod
@@ -64,55 +70,64 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n_rows, acc_dtype = hidden.shape[0], _accumulation_dtype(hidden.dtype)
         lse = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)
         loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        logits_buffer, low_buffer = _chunk_buffers(min(chunk_size, n_rows), weight, acc_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n_rows, chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows], weight, bias, softcap, acc_dtype)
-                lse[rows] = torch.logsumexp(logits, dim=-1)
-                keep = targets[rows] != ignore_index
-                target_logit = logits.gather(1, torch.where(keep, targets[rows], 0).unsqueeze(1)).squeeze(1)
+                hidden_chunk, targets_chunk = hidden[rows], targets[rows]
+                logits = _head_into(logits_buffer, low_buffer, hidden_chunk, weight, bias)
+                if softcap:
+                    logits.div_(softcap).tanh_().mul_(softcap)
+                keep = targets_chunk != ignore_index
+                target_logit = logits.gather(1, torch.where(keep, targets_chunk, 0).unsqueeze(1)).squeeze(1)
+                # logsumexp in place (max-shifted), so the chunk needs no second [chunk, V] buffer
+                row_max = logits.amax(dim=1, keepdim=True)
+                lse[rows] = logits.sub_(row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
                 loss_sum += torch.where(keep, lse[rows] - target_logit, 0.0).sum()
-                del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.ignore_index, ctx.softcap = chunk_size, ignore_index, softcap
         return loss_sum
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        softcap, dtype, acc_dtype = ctx.softcap, hidden.dtype, lse.dtype
+        chunk_size, softcap, dtype, acc_dtype = ctx.chunk_size, ctx.softcap, hidden.dtype, lse.dtype
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        # fp32 inputs accumulate straight into the gradient; others into an fp32 buffer, cast once at the end.
+        # dW and db accumulate in fp32 over chunks; a low-precision dW chunk product lands in a
+        # reused [V, H] scratch first (CPU has no bf16 x bf16 -> fp32 addmm).
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+        grad_weight_chunk = torch.empty_like(weight) if want_weight and dtype != acc_dtype else None
         grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_bias else None
+        probs_buffer, low_buffer = _chunk_buffers(min(chunk_size, hidden.shape[0]), weight, acc_dtype)
+        tanh_buffer = torch.empty_like(probs_buffer) if softcap else None
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                rows = slice(start, start + ctx.chunk_size)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
                 hidden_chunk, targets_chunk = hidden[rows], targets[rows]
-                raw = F.linear(hidden_chunk, weight, bias).to(acc_dtype)
+                n_chunk = hidden_chunk.shape[0]
+                grad_logits = _head_into(probs_buffer, low_buffer, hidden_chunk, weight, bias)
                 if softcap:
-                    tanh = raw.div_(softcap).tanh_()  # in place: raw is not needed again
-                    grad_logits = tanh.mul(softcap).sub_(lse[rows].unsqueeze(1)).exp_()
-                else:
-                    grad_logits = raw.sub_(lse[rows].unsqueeze(1)).exp_()  # softmax, in place
+                    tanh = torch.div(grad_logits, softcap, out=tanh_buffer[:n_chunk]).tanh_()
+                    torch.mul(tanh, softcap, out=grad_logits)
+                grad_logits.sub_(lse[rows].unsqueeze(1)).exp_()  # softmax, from the saved logsumexp
                 keep = targets_chunk != ctx.ignore_index
-                row_index = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+                row_index = torch.arange(n_chunk, device=grad_logits.device)
                 grad_logits[row_index, torch.where(keep, targets_chunk, 0)] -= 1.0
                 grad_logits.mul_((grad_loss * keep).unsqueeze(1))  # ignored rows: zero gradient
                 if softcap:
                     grad_logits.mul_(tanh.square_().neg_().add_(1.0))  # d(s tanh(z/s))/dz = 1 - tanh^2
-                grad_logits_in = grad_logits.to(dtype)
+                grad_logits_in = grad_logits if low_buffer is None else low_buffer[:n_chunk].copy_(grad_logits)
                 if want_hidden:
-                    grad_hidden[rows] = grad_logits_in @ weight
-                if want_weight:
-                    if dtype == acc_dtype:
-                        grad_weight.addmm_(grad_logits.T, hidden_chunk)
-                    else:
-                        grad_weight += grad_logits_in.T @ hidden_chunk
+                    torch.mm(grad_logits_in, weight, out=grad_hidden[rows])
+                if want_weight and grad_weight_chunk is None:
+                    grad_weight.addmm_(grad_logits.T, hidden_chunk)
+                elif want_weight:
+                    grad_weight += torch.mm(grad_logits_in.T, hidden_chunk, out=grad_weight_chunk)
                 if want_bias:
-                    grad_bias += grad_logits.sum(0)
-                del raw, grad_logits, grad_logits_in
+                    grad_bias += grad_logits.sum(dim=0)
+        del probs_buffer, low_buffer, tanh_buffer, grad_weight_chunk
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -125,12 +140,22 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(hidden_chunk, weight, bias, softcap, acc_dtype):
-    """[chunk, V] fp32 logits of one chunk, soft-capped when asked (in place: one fp32 buffer)."""
-    logits = F.linear(hidden_chunk, weight, bias).to(acc_dtype)
-    if softcap:
-        logits.div_(softcap).tanh_().mul_(softcap)
-    return logits
+def _chunk_buffers(rows: int, weight: torch.Tensor, acc_dtype: torch.dtype):
+    """The [rows, V] fp32 logits buffer, and an input-dtype one when the head runs in lower precision."""
+    shape = (rows, weight.shape[0])
+    low = torch.empty(shape, dtype=weight.dtype, device=weight.device) if weight.dtype != acc_dtype else None
+    return torch.empty(shape, dtype=acc_dtype, device=weight.device), low
+
+
+def _head_into(buffer, low_buffer, hidden_chunk, weight, bias) -> torch.Tensor:
+    """hidden_chunk @ weight.T + bias, computed in the input dtype, written into buffer[:rows] (fp32)."""
+    rows = hidden_chunk.shape[0]
+    out = buffer[:rows] if low_buffer is None else low_buffer[:rows]
+    if bias is None:
+        torch.mm(hidden_chunk, weight.T, out=out)
+    else:
+        torch.addmm(bias, hidden_chunk, weight.T, out=out)
+    return out if low_buffer is None else buffer[:rows].copy_(out)
 
 
 def linear_cross_entropy(

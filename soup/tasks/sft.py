@@ -22,7 +22,7 @@ class SFTTask(Task):
     def __init__(self, task_cfg, kernels_cfg=None):
         super().__init__(task_cfg)
         self.cut_ce = kernels_cfg.cut_ce if kernels_cfg is not None else "off"
-        self.chunk_size = kernels_cfg.ce_chunk_size if kernels_cfg is not None else 4096
+        self.chunk_size = kernels_cfg.ce_chunk_size if kernels_cfg is not None else 512
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return count_trained_tokens(batch["labels"])
