@@ -137,7 +137,7 @@ def train_loop(
     total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch)
     # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
     total_micro_batches = None if train_cfg.max_steps > 0 else train_cfg.epochs * sampler.batches_per_epoch
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.peft)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
     scaler = torch.amp.GradScaler(device.type) if train_cfg.precision == "fp16" else None
     checkpoints_dir = run_dir / "checkpoints"

@@ -7,26 +7,63 @@ Weight decay applies only to matrices: biases and normalisation weights (every
 from __future__ import annotations
 
 import math
+import re
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
+from soup.errors import ConfigError
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed (ndim >= 2) and not decayed (biases, norms)."""
-    decay, no_decay, seen = [], [], set()
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                     lr_groups=None, loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """Trainable parameters grouped by (learning rate, weight decay).
+
+    Decay applies to matrices only (not biases or norm weights). The learning rate is
+    `lr`, unless a pattern of `lr_groups` ([{pattern, lr}], regex over parameter names,
+    first match wins) matches the name, or LoRA+ scales a B matrix by loraplus_lr_ratio.
+    """
+    compiled = [(re.compile(g["pattern"]), float(g["lr"]), g["pattern"]) for g in (lr_groups or [])]
+    matched = {pattern: 0 for _, _, pattern in compiled}
+    groups: dict[tuple, dict] = {}
+    seen = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        (decay if param.ndim >= 2 and not name.endswith(".bias") else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        param_lr = lr
+        for regex, group_lr, pattern in compiled:
+            if regex.search(name):
+                param_lr = group_lr
+                matched[pattern] += 1
+                break
+        else:
+            # LoRA+ (arXiv 2402.12354): B learns faster than A for efficient feature learning.
+            if loraplus_lr_ratio is not None and lr is not None and ".lora_B." in name:
+                param_lr = lr * loraplus_lr_ratio
+        decay = weight_decay if param.ndim >= 2 and not name.endswith(".bias") else 0.0
+        key = (param_lr, decay)
+        group = groups.setdefault(key, {"params": [], "weight_decay": decay, "names": []})
+        if param_lr is not None:
+            group["lr"] = param_lr
+        group["params"].append(param)
+        group["names"].append(name)
+    unused = [pattern for pattern, count in matched.items() if count == 0]
+    if unused:
+        raise ConfigError(f"optim.lr_groups: pattern(s) {unused} match no trainable parameter.\n"
+                          "  fix: check the regex against the names in model.named_parameters().")
+    return list(groups.values())
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: DictConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, optim_cfg.weight_decay)
+def build_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, peft_cfg: DictConfig | None = None) -> torch.optim.Optimizer:
+    groups = parameter_groups(
+        model, optim_cfg.weight_decay, optim_cfg.lr,
+        OmegaConf.to_container(optim_cfg.lr_groups) if optim_cfg.get("lr_groups") is not None else None,
+        peft_cfg.loraplus_lr_ratio if peft_cfg is not None else None,
+    )
+    for group in groups:
+        group.pop("names")
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     if optim_cfg.name == "sgd":

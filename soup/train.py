@@ -32,6 +32,8 @@ from soup.data.dataset import DEMO_FILES, resolve_data_path
 from soup.errors import SoupError
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
+from soup.models.adapters import save_final_adapter, save_initial_adapter
+from soup.models.neftune import add_neftune
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
 from soup.tasks import PreferenceTask, build_task
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
@@ -129,6 +131,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
 
     model = build_model(cfg.model, tokenizer, cfg.seed)
     model = apply_peft(model, cfg.peft, cfg.seed).to(device)
+    if cfg.peft.name != "none":
+        save_initial_adapter(model, cfg.peft.name, run_dir / "initial_adapter")
+    if cfg.train.neftune_alpha is not None:
+        add_neftune(model, cfg.train.neftune_alpha)
+        print(f"[soup] neftune: alpha={cfg.train.neftune_alpha} on the input embeddings (training only)")
     trainable, total = count_parameters(model)
     print(f"[soup] model: {cfg.model.name} {total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable | "
           f"device={device} precision={cfg.train.precision} peft={cfg.peft.name} quant={cfg.quant.name} "
@@ -157,7 +164,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     if not result.interrupted:
         final_dir = run_dir / "final"
         stop_on_end_of_turn(model, tokenizer)
-        model.save_pretrained(final_dir)
+        if cfg.peft.name == "none":
+            model.save_pretrained(final_dir)
+        else:
+            save_final_adapter(model, cfg.peft.name, final_dir, run_dir / "initial_adapter",
+                               lambda: build_model(cfg.model, tokenizer, cfg.seed))
         tokenizer.save_pretrained(final_dir)
         print(f"[soup] saved final model to {final_dir}")
     stats = {

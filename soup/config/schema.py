@@ -199,14 +199,34 @@ class ParallelismConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning. name=none trains every parameter."""
+    """Parameter-efficient fine-tuning (through peft). name=none trains every parameter.
+
+    lora | dora (weight-decomposed) | rslora (alpha / sqrt(r) scaling) | vera (shared
+    random projections, trained scaling vectors) | olora | pissa (principal-component
+    init) | loftq (quantisation-aware init). Each is one yaml in conf/peft/.
+    """
 
     name: str = MISSING
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # "all-linear" or a list of module-name suffixes (e.g. [q_proj, v_proj]).
+    # "all-linear", a list of module-name suffixes (e.g. [q_proj, v_proj]), or a regex string.
     target_modules: Any = "all-linear"
+    # Per-module rank / alpha by regex, e.g. {"q_proj": 16}.
+    rank_pattern: Any = None
+    alpha_pattern: Any = None
+    # Adapter init: default (peft's), gaussian, or the variant's own (olora, pissa, loftq set it).
+    init: str = "default"
+    # loftq: bits of the quantised base approximation and alternating iterations.
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+    # vera: initial value of the trained scaling vector d.
+    vera_d_initial: float = 0.1
+    # Freeze the bottom N decoder layers (or a fraction of them); adapters go on the rest only.
+    freeze_layers: int = 0
+    freeze_ratio: float = 0.0
+    # LoRA+ (arXiv 2402.12354): the B matrices train at lr x this ratio.
+    loraplus_lr_ratio: Optional[float] = None
 
 
 @dataclass
@@ -220,6 +240,8 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.0
     nesterov: bool = False
+    # Per-module learning rates: [{pattern: "regex over parameter names", lr: 1e-5}, ...]; first match wins.
+    lr_groups: Any = None
 
 
 @dataclass
@@ -265,6 +287,9 @@ class TrainConfig:
     progress_bar: bool = True
     # cpu | cuda | auto
     device: str = "auto"
+    # NEFTune (arXiv 2310.05914): uniform noise of scale alpha / sqrt(L x d) on the input
+    # embeddings, in training only. null = off.
+    neftune_alpha: Optional[float] = None
 
 
 @dataclass

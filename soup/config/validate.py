@@ -30,7 +30,8 @@ CUT_CE = ("off", "chunked", "cce")
 CHECKPOINTING = ("none", "full", "medium", "selective", "auto")
 OFFLOADS = ("none", "cpu", "disk")
 PARALLELISMS = ("single",)
-PEFTS = ("none", "lora")
+PEFTS = ("none", "lora", "dora", "rslora", "vera", "olora", "pissa", "loftq")
+LORA_INITS = ("default", "gaussian")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("jsonl", "tensorboard", "wandb")
@@ -106,10 +107,77 @@ def _check_model(cfg: DictConfig, need) -> None:
         # Pure-bf16 weights lose small AdamW updates to rounding; autocast keeps fp32 masters.
         need(False, "model.dtype=bfloat16 with a full fine-tune trains bf16 master weights, which "
                     "stalls small updates; use model.dtype=float32 train.precision=bf16 instead.")
-    if cfg.peft.name == "lora":
-        need(cfg.peft.r > 0, f"peft.r must be positive (got {cfg.peft.r}).")
-        need(cfg.peft.alpha > 0, f"peft.alpha must be positive (got {cfg.peft.alpha}).")
-        need(0.0 <= cfg.peft.dropout < 1.0, f"peft.dropout must be in [0, 1) (got {cfg.peft.dropout}).")
+    _check_peft(cfg, need)
+
+
+def _check_peft(cfg: DictConfig, need) -> None:
+    peft = cfg.peft
+    from soup.config.schema import PeftConfig
+
+    defaults = PeftConfig()
+    # Which fields each option reads; any other field must stay at its default.
+    reads = {"none": {"freeze_layers", "freeze_ratio"}}
+    lora_fields = {"r", "alpha", "dropout", "target_modules", "rank_pattern", "alpha_pattern", "freeze_layers",
+                   "freeze_ratio", "loraplus_lr_ratio"}
+    for name in ("lora", "dora", "rslora"):
+        reads[name] = lora_fields | {"init"}
+    for name in ("olora", "pissa"):
+        reads[name] = lora_fields
+    reads["loftq"] = lora_fields | {"loftq_bits", "loftq_iter"}
+    reads["vera"] = {"r", "dropout", "target_modules", "vera_d_initial", "freeze_layers", "freeze_ratio"}
+    for field_name in ("r", "alpha", "dropout", "target_modules", "rank_pattern", "alpha_pattern", "init",
+                       "loftq_bits", "loftq_iter", "vera_d_initial", "freeze_layers", "freeze_ratio",
+                       "loraplus_lr_ratio"):
+        value, default = peft[field_name], getattr(defaults, field_name)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        if peft.name in reads and field_name not in reads[peft.name] and value != default:
+            readers = sorted(n for n, fields in reads.items() if field_name in fields)
+            need(False, f"peft.{field_name} is not read by peft={peft.name}; it is read by: {', '.join(readers)}.")
+    if peft.name == "none":
+        pass
+    else:
+        need(peft.r > 0, f"peft.r must be positive (got {peft.r}).")
+        need(peft.alpha > 0, f"peft.alpha must be positive (got {peft.alpha}).")
+        need(0.0 <= peft.dropout < 1.0, f"peft.dropout must be in [0, 1) (got {peft.dropout}).")
+        need(peft.init in LORA_INITS, f"peft.init={peft.init!r}; valid: {', '.join(LORA_INITS)} "
+                                      "(olora, pissa and loftq are their own peft options).")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            value = peft[field_name]
+            need(value is None or (OmegaConf.is_dict(value) and all(isinstance(v, (int, float)) for v in value.values())),
+                 f"peft.{field_name} maps module-name patterns to numbers, e.g. {{q_proj: 16}}.")
+    if peft.loraplus_lr_ratio is not None:
+        need(peft.loraplus_lr_ratio > 0, "peft.loraplus_lr_ratio must be positive (B matrices get lr x ratio).")
+    need(peft.freeze_layers >= 0 and 0.0 <= peft.freeze_ratio < 1.0,
+         "peft.freeze_layers must be >= 0 and peft.freeze_ratio in [0, 1).")
+    need(not (peft.freeze_layers and peft.freeze_ratio), "set peft.freeze_layers or peft.freeze_ratio, not both.")
+    if peft.name == "loftq":
+        import importlib.util
+
+        need(peft.loftq_bits in (2, 4, 8), "peft.loftq_bits must be 2, 4 or 8.")
+        need(all(importlib.util.find_spec(m) is not None for m in ("scipy", "bitsandbytes")),
+             "peft=loftq needs scipy and bitsandbytes (peft's LoftQ init quantises the base with them): "
+             "pip install 'soup-harness[loftq]'.")
+        need(torch.cuda.is_available(), "peft=loftq: peft's LoftQ init quantises the base weights on a CUDA GPU "
+                                        "(it fails on a CPU-only torch); use peft=pissa or peft=lora here.")
+    neftune = cfg.train.neftune_alpha
+    if neftune is not None:
+        need(neftune > 0, f"train.neftune_alpha must be positive (got {neftune}); null turns NEFTune off.")
+    groups = cfg.optim.lr_groups
+    if groups is not None:
+        import re
+
+        ok = OmegaConf.is_list(groups) and all(OmegaConf.is_dict(g) and set(g.keys()) == {"pattern", "lr"}
+                                               for g in groups)
+        need(ok, "optim.lr_groups is a list of {pattern: <regex over parameter names>, lr: <number>}.")
+        if ok:
+            for i, group in enumerate(groups):
+                try:
+                    re.compile(group.pattern)
+                except re.error as exc:
+                    need(False, f"optim.lr_groups[{i}].pattern {group.pattern!r} is not a valid regex: {exc}.")
+                need(isinstance(group.lr, (int, float)) and group.lr > 0,
+                     f"optim.lr_groups[{i}].lr must be a positive number.")
 
 
 def _check_data(cfg: DictConfig, need) -> None:

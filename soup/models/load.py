@@ -8,10 +8,11 @@ model=hf: AutoModelForCausalLM.from_pretrained(model.path).
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from soup.errors import ConfigError
+from soup.models.adapters import apply_peft  # noqa: F401  (re-exported: the model build's last step)
 from soup.models.tokenizer import build_byte_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,30 +64,6 @@ def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
             f"model.path={model_cfg.path!r}: could not load a causal LM: {exc}\n"
             "  fix: point model.path at a transformers model directory (config.json + weights)."
         ) from exc
-
-
-def apply_peft(model: PreTrainedModel, peft_cfg: DictConfig, seed: int):
-    """Wrap `model` with adapters, or return it unchanged for peft=none."""
-    if peft_cfg.name == "none":
-        return model
-    import peft
-
-    targets = peft_cfg.target_modules
-    if OmegaConf.is_config(targets):
-        targets = list(targets)
-    lora = peft.LoraConfig(
-        r=peft_cfg.r,
-        lora_alpha=peft_cfg.alpha,
-        lora_dropout=peft_cfg.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            return peft.get_peft_model(model, lora)
-        except ValueError as exc:
-            raise ConfigError(f"peft.target_modules={targets!r}: {exc}") from exc
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
