@@ -34,6 +34,7 @@ from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
 from soup.models.adapters import save_final_adapter, save_initial_adapter
 from soup.models.neftune import add_neftune
+from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
 from soup.tasks import PreferenceTask, build_task
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
@@ -129,8 +130,20 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     if cfg.data.packing or cfg.data.multipack:
         train_examples, sampler, collate, eval_collate = arrange_batches(cfg, splits.train, collate, tokenizer)
 
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    model = apply_peft(model, cfg.peft, cfg.seed).to(device)
+    if cfg.quant.name in BNB_QUANTS:
+        # Quantised weights are placed on the device as they load; adapters train on top.
+        if cfg.model.name == "hf":
+            model = load_quantized(cfg.model.path, cfg.quant, device,
+                                   attn_implementation=cfg.model.attn_implementation)
+        else:
+            model = quantize_built_model(build_model(cfg.model, tokenizer, cfg.seed), cfg.quant, device)
+        model = apply_peft(prepare_for_adapters(model), cfg.peft, cfg.seed)
+        print(f"[soup] quant: {cfg.quant.name} bitsandbytes weights"
+              + (f" ({cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, compute "
+                 f"{cfg.quant.compute_dtype})" if cfg.quant.name == "4bit" else ""))
+    else:
+        model = build_model(cfg.model, tokenizer, cfg.seed)
+        model = apply_peft(model, cfg.peft, cfg.seed).to(device)
     if cfg.peft.name != "none":
         save_initial_adapter(model, cfg.peft.name, run_dir / "initial_adapter")
     if cfg.train.neftune_alpha is not None:

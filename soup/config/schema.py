@@ -143,8 +143,10 @@ class BackendConfig:
 
 @dataclass
 class QuantConfig:
-    """Low-precision training of the base model.
+    """Quantised or low-precision base weights.
 
+    4bit / 8bit: bitsandbytes weights, frozen, trained through adapters (4bit + peft=lora
+    is QLoRA, arXiv 2305.14314).
     fp8: torchao float8 training of the linear layers (CUDA compute capability >= 8.9;
     emulated on CPU for testing). int8_qat: quantisation-aware training with torchao
     fake quantisation.
@@ -155,6 +157,12 @@ class QuantConfig:
     fp8_recipe: str = "tensorwise"
     # int8_qat: weight quantisation group size.
     qat_group_size: int = 32
+    # 4bit: nf4 | fp4, nested (double) quantisation of the scales, the dtype matmuls run in,
+    # and the storage dtype of packed weights (uint8, or e.g. bfloat16 for FSDP).
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+    quant_storage: str = "uint8"
 
 
 @dataclass

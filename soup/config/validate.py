@@ -23,7 +23,7 @@ MODELS = ("tiny", "hf")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "chatml", "plaintext", "tool_calling")
 OVERLONG_POLICIES = ("truncate", "drop")
 BACKENDS = ("transformers",)
-QUANTS = ("none", "fp8", "int8_qat")
+QUANTS = ("none", "fp8", "int8_qat", "4bit", "8bit")
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 KERNELS = ("none", "liger", "flash_attn", "compile", "auto")
 CUT_CE = ("off", "chunked", "cce")
@@ -347,8 +347,10 @@ def _check_preference(cfg: DictConfig, need) -> None:
 
 
 def _check_memory(cfg: DictConfig, need) -> None:
-    """Packing, kernels, checkpointing, offload and low-precision training."""
+    """Packing, kernels, checkpointing, offload, quantised and low-precision training."""
     import importlib.util
+
+    from soup.config.schema import QuantConfig
 
     data, kernels, quant, offload = cfg.data, cfg.kernels, cfg.quant, cfg.offload
     device = resolve_device(cfg.train.device) if cfg.train.device != "cuda" or torch.cuda.is_available() else None
@@ -390,6 +392,25 @@ def _check_memory(cfg: DictConfig, need) -> None:
         need(quant.fp8_recipe == "tensorwise", "quant.fp8_recipe is read by quant=fp8 only.")
     if quant.name != "int8_qat":
         need(quant.qat_group_size == 32, "quant.qat_group_size is read by quant=int8_qat only.")
+    defaults = QuantConfig()
+    for field_name in ("quant_type", "double_quant", "compute_dtype", "quant_storage"):
+        if quant.name != "4bit":
+            need(quant[field_name] == getattr(defaults, field_name),
+                 f"quant.{field_name} is read by quant=4bit only (this is quant={quant.name}).")
+    if quant.name in ("4bit", "8bit"):
+        need(importlib.util.find_spec("bitsandbytes") is not None,
+             f"quant={quant.name} needs bitsandbytes: pip install 'soup-harness[quant]'.")
+        need(cfg.peft.name != "none", f"quant={quant.name} weights are frozen integers: train them through "
+                                      "adapters (peft=lora makes QLoRA), or use quant=none for a full fine-tune.")
+        need(quant.quant_type in ("nf4", "fp4"), "quant.quant_type must be nf4 or fp4.")
+        need(quant.compute_dtype in ("float32", "bfloat16", "float16"),
+             "quant.compute_dtype must be float32, bfloat16 or float16.")
+        need(quant.quant_storage in ("uint8", "bfloat16", "float16", "float32"),
+             "quant.quant_storage must be uint8, bfloat16, float16 or float32.")
+        need(cfg.peft.name not in ("pissa", "olora", "loftq"),
+             f"peft={cfg.peft.name} initialises adapters from the full-precision weights; with quant={quant.name} "
+             "use peft=lora, dora, rslora or vera (or peft=loftq with quant=none).")
+        need(cfg.kernels.name != "compile", "kernels=compile with bitsandbytes layers is not supported here.")
     if quant.name in ("fp8", "int8_qat"):
         need(importlib.util.find_spec("torchao") is not None,
              f"quant={quant.name} needs torchao: pip install 'soup-harness[fp8]'.")

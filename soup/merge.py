@@ -1,0 +1,77 @@
+"""Merge a LoRA-family adapter into its base model and save a plain transformers model.
+
+    python -m soup.merge --adapter outputs/<run>/final --out merged/
+    python -m soup.merge --adapter path/to/adapter --base path/to/base --out merged/
+
+The base is --base, else the adapter's own base_model_name_or_path, else (for a
+soup run) the model that run built: rebuilt from <run dir>/.hydra/config.yaml, which
+is how a model=tiny run's base is found. The merged model's logits equal the adapter
+model's (a test checks it); merging happens in float32 whatever the base's dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from soup.errors import SoupError
+
+
+def load_base(adapter_dir: Path, base: str | None):
+    from transformers import AutoModelForCausalLM
+
+    if base is None:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if (adapter_dir / "base_model").is_dir():  # LoftQ saves its modified base beside the adapter
+            base = str(adapter_dir / "base_model")
+    if base:
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    run_config = adapter_dir.parent / ".hydra" / "config.yaml"
+    if not run_config.exists():
+        raise SoupError(f"{adapter_dir}: the adapter names no base model and is not inside a soup run directory.\n"
+                        "  fix: pass --base <base model directory>.")
+    from omegaconf import OmegaConf
+
+    from soup.models.load import build_model, build_tokenizer
+
+    cfg = OmegaConf.load(run_config)
+    return build_model(cfg.model, build_tokenizer(cfg.model), cfg.seed)
+
+
+def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise SoupError(f"--adapter {adapter_dir}: no adapter_config.json there.\n"
+                        "  fix: point --adapter at a run's final/ directory (trained with a peft option).")
+    model = PeftModel.from_pretrained(load_base(adapter_dir, base), adapter_dir).merge_and_unload()
+    model.save_pretrained(out_dir)
+    if (adapter_dir / "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m soup.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True, type=Path, help="adapter directory (a run's final/)")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the merged model")
+    parser.add_argument("--base", default=None, help="base model directory or hub id (default: see above)")
+    args = parser.parse_args(argv)
+    try:
+        out = merge(args.adapter, args.out, args.base)
+    except SoupError as exc:
+        print(f"[soup] error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[soup] merged {args.adapter} into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
