@@ -19,7 +19,7 @@ def read_metrics(run_dir: Path, split: str) -> list[dict]:
 
 def test_default_run_trains_offline_and_writes_the_run_directory(tmp_path):
     """`python -m soup.train` with no overrides besides where to write."""
-    run_cli(f"hydra.run.dir={tmp_path}", "train.progress_bar=false", timeout=180)
+    run_cli(f"hydra.run.dir={tmp_path}", "train.progress_bar=false", timeout=600)
     train, evals = read_metrics(tmp_path, "train"), read_metrics(tmp_path, "eval")
     assert len(train) == 150 and [e["step"] for e in evals] == [50, 100, 150]
     assert evals[-1]["loss"] < evals[0]["loss"] < train[0]["loss"]
