@@ -27,7 +27,7 @@ from tqdm import tqdm
 from soup.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from soup.data.sampler import ResumableBatchSampler
 from soup.errors import SoupError
-from soup.optim import build_optimizer, build_scheduler
+from soup.optim import build_optimizer, build_scheduler, prepare_for_eval, prepare_for_train
 from soup.tasks import Task
 from soup.tracking import peak_memory_mb, reset_peak_memory
 
@@ -171,12 +171,16 @@ def train_loop(
     def run_eval() -> float | None:
         if not val_examples:
             return None
+        # Schedule-free optimizers evaluate at their averaged weights.
+        prepare_for_eval(optimizer)
         metrics = evaluate(model, task, val_examples, eval_collate, train_cfg.eval_batch_size, device,
                            train_cfg.precision)
+        prepare_for_train(optimizer)
         tracker.log(metrics, step, split="eval")
         return metrics["loss"]
 
     model.train()
+    prepare_for_train(optimizer)
     reset_peak_memory(device)
     last_loss = last_eval = None
     last_checkpoint, evaluated_at = None, -1
@@ -262,6 +266,7 @@ def train_loop(
     bar.close()
     if evaluated_at != step:
         last_eval = run_eval()
+    prepare_for_eval(optimizer)  # the final save holds the weights to evaluate
     return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9),
                       last_loss, last_eval, False, last_checkpoint)
 

@@ -239,15 +239,31 @@ class PeftConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer. Weight decay never applies to biases or normalisation weights."""
+    """Optimizer. Weight decay never applies to biases or normalisation weights.
+
+    Each optimizer reads lr, weight_decay, lr_groups and its own fields below (soup/optim.py
+    lists which); the others must keep their defaults.
+    """
 
     name: str = MISSING
     lr: float = 3e-4
     weight_decay: float = 0.0
+    # Adam-family and Lion moments (Lion's usual betas are [0.9, 0.99]; it reads no eps).
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # SGD only.
     momentum: float = 0.0
     nesterov: bool = False
+    # adamw only: auto | fused | foreach | for_loop. auto = fused where torch has the kernel
+    # (CUDA and CPU in torch 2.13), else foreach.
+    implementation: str = "auto"
+    # galore only (arXiv 2403.03507): rank of the gradient projection of each decoder matrix,
+    # steps between SVDs that refresh the projection, scale of the projected-back update,
+    # and which side is projected (std | reverse_std | left | right | full).
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_proj_type: str = "std"
     # Per-module learning rates: [{pattern: "regex over parameter names", lr: 1e-5}, ...]; first match wins.
     lr_groups: Any = None
 

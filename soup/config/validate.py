@@ -32,7 +32,8 @@ OFFLOADS = ("none", "cpu", "disk")
 PARALLELISMS = ("single",)
 PEFTS = ("none", "lora", "dora", "rslora", "vera", "olora", "pissa", "loftq")
 LORA_INITS = ("default", "gaussian")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "lion", "lion_8bit", "adafactor",
+              "galore", "schedule_free_adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("jsonl", "tensorboard", "wandb")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -231,18 +232,59 @@ def _check_device(cfg: DictConfig, need) -> None:
 
 
 def _check_optim(cfg: DictConfig, need) -> None:
+    import importlib.util
+
+    from soup.config.schema import OptimConfig
+
     optim, sched = cfg.optim, cfg.sched
     need(optim.lr > 0, f"optim.lr must be positive (got {optim.lr}).")
     need(optim.weight_decay >= 0, "optim.weight_decay must be >= 0.")
     need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
          "optim.betas must be two numbers in [0, 1).")
-    if optim.name != "sgd":
-        need(optim.momentum == 0 and not optim.nesterov,
-             f"optim.momentum/nesterov are SGD settings; optim={optim.name} does not read them.")
+    # The fields each optimizer reads besides lr, weight_decay and lr_groups (see soup/optim.py).
+    adam = ("betas", "eps")
+    galore = ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type")
+    reads = {"adamw": (*adam, "implementation"), "sgd": ("momentum", "nesterov"), "adamw_8bit": adam,
+             "paged_adamw": adam, "paged_adamw_8bit": adam, "lion": ("betas",), "lion_8bit": ("betas",),
+             "adafactor": (), "galore": (*adam, *galore), "schedule_free_adamw": adam}
+    defaults = OptimConfig()
+    for flag in ("betas", "eps", "momentum", "nesterov", "implementation", *galore):
+        if optim.name in reads and flag not in reads[optim.name]:
+            value = list(optim[flag]) if flag == "betas" else optim[flag]
+            need(value == getattr(defaults, flag),
+                 f"optim.{flag}={value} is not read by optim={optim.name} (it reads lr, weight_decay"
+                 f"{''.join(', ' + f for f in reads[optim.name])}); remove the override or pick another optim.")
     if optim.name == "sgd":
-        need(list(optim.betas) == [0.9, 0.999] and optim.eps == 1e-8,
-             "optim.betas/eps are Adam settings; optim=sgd does not read them.")
         need(not optim.nesterov or optim.momentum > 0, "optim.nesterov needs optim.momentum > 0.")
+    need(optim.implementation in ("auto", "fused", "foreach", "for_loop"),
+         f"optim.implementation={optim.implementation!r}; valid: auto, fused, foreach, for_loop.")
+
+    packages = {"adamw_8bit": "bitsandbytes", "paged_adamw": "bitsandbytes", "paged_adamw_8bit": "bitsandbytes",
+                "lion": "bitsandbytes", "lion_8bit": "bitsandbytes", "galore": "galore_torch",
+                "schedule_free_adamw": "schedulefree"}
+    if optim.name in packages:
+        module = packages[optim.name]
+        need(importlib.util.find_spec(module) is not None,
+             f"optim={optim.name} needs the {module.replace('_', '-')} package: pip install 'soup-harness[optim]'.")
+    if optim.name.startswith("paged_"):
+        on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        need(on_cuda, f"optim={optim.name} pages its state between GPU and CPU memory through CUDA unified "
+                      f"memory, so it needs a CUDA GPU (on CPU bitsandbytes falls back to the unpaged "
+                      f"optimizer); use optim={optim.name.removeprefix('paged_')}.")
+    if optim.name == "galore":
+        need(optim.galore_rank > 0, "optim.galore_rank must be positive.")
+        need(optim.galore_update_proj_gap > 0, "optim.galore_update_proj_gap must be positive.")
+        need(optim.galore_scale > 0, "optim.galore_scale must be positive.")
+        need(optim.galore_proj_type in ("std", "reverse_std", "left", "right", "full"),
+             f"optim.galore_proj_type={optim.galore_proj_type!r}; valid: std, reverse_std, left, right, full.")
+        need(cfg.peft.name == "none", f"optim=galore projects the gradients of the full weight matrices, an "
+                                      f"alternative to adapters; with peft={cfg.peft.name} use another optim, "
+                                      "or peft=none for GaLore.")
+    if optim.name == "schedule_free_adamw":
+        need(sched.name == "constant", f"optim=schedule_free_adamw schedules itself (its iterate averaging replaces "
+                                       f"the decay), so sched={sched.name} would fight it: use sched=constant; "
+                                       "sched.warmup_steps / warmup_ratio still set its warmup.")
+
     need(0.0 <= sched.warmup_ratio < 1.0, "sched.warmup_ratio must be in [0, 1).")
     need(sched.warmup_steps >= 0, "sched.warmup_steps must be >= 0.")
     need(0.0 <= sched.min_lr_ratio <= 1.0, "sched.min_lr_ratio must be in [0, 1].")
