@@ -21,9 +21,10 @@ What runs (each trainer in its own subprocess, one after the other):
 Same for every trainer: one model directory (a ~4.6M-parameter Llama, random init with
 a fixed seed, built once per run under --scratch with the stories260k tokenizer, pad =
 eos), the ChatML template string `soup.data.templates.CHATML`, max_length 512
-(truncating), micro-batch 8, no accumulation, AdamW (torch.optim.AdamW, lr 3e-4,
-weight decay 0), constant lr, grad clip 1.0, no eval, no checkpoints, no gradient
-checkpointing, dataloader in-process, torch's default threads.
+(truncating), micro-batch 8, no accumulation, AdamW (torch.optim.AdamW with its fused
+kernel: soup's optim.implementation=fused, TRL's optim="adamw_torch_fused", HF's default;
+lr 3e-4, weight decay 0), constant lr, grad clip 1.0, no eval, no checkpoints, no
+gradient checkpointing, dataloader in-process, torch's default threads.
 
 Same batches: soup draws its batches with its own seeded permutation; the TRL file holds
 the rows in exactly that order and TRL reads it with `train_sampling_strategy=
@@ -281,7 +282,7 @@ def soup_command(model_dir: Path, data_file: Path, run_dir: Path, steps: int, pr
         f"train.micro_batch_size={MICRO_BATCH}", "train.grad_accum_steps=1", f"train.max_steps={steps}",
         f"train.precision={precision}", "train.max_grad_norm=1.0", "train.eval_every_steps=0",
         "train.save_every_steps=0", "train.log_every_steps=1", "train.progress_bar=false", "train.device=cpu",
-        f"optim.lr={LR}", "optim.weight_decay=0.0", "sched=constant", f"seed={SEED}",
+        f"optim.lr={LR}", "optim.weight_decay=0.0", "optim.implementation=fused", "sched=constant", f"seed={SEED}",
         f"hydra.run.dir={run_dir}", *packing,
     ]
 
@@ -326,7 +327,7 @@ def trl_settings(precision: str, packed: bool, steps: int) -> dict:
     return dict(
         max_steps=steps, per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=1,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch",  # torch.optim.AdamW, as soup (HF's default would be adamw_torch_fused)
+        optim="adamw_torch_fused",  # HF's default on torch >= 2.8; soup runs optim.implementation=fused
         bf16=precision == "bf16", fp16=False,  # SFTConfig defaults to bf16=True
         gradient_checkpointing=False,  # SFTConfig defaults to True; soup runs checkpointing=none
         use_cpu=True, max_length=MAX_LENGTH, truncation_mode="keep_start",
@@ -517,6 +518,31 @@ def print_table(table: list[dict]) -> None:
                   f"{paired['median_trl_time_over_soup_time']:.2f}")
 
 
+def write_report(args: argparse.Namespace, started: float, model: dict, data: dict, runs: list[dict]) -> dict:
+    """Write the JSON (after every run, so a killed benchmark keeps what it measured)."""
+    report = {
+        "benchmark": "sft_throughput_cpu",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [sys.executable, *sys.argv],
+        "note": args.note,
+        "soup_source": soup_source(),
+        "machine": machine_info(),
+        "settings": {"max_length": MAX_LENGTH, "micro_batch_size": MICRO_BATCH, "grad_accum_steps": 1, "lr": LR,
+                     "schedule": "constant", "optimizer": "torch.optim.AdamW(fused=True), weight_decay 0", "max_grad_norm": 1.0,
+                     "seed": SEED, "warmup_steps": args.warmup_steps, "measured_steps": args.measured_steps,
+                     "repeats": args.repeats, "chat_template": "soup.data.templates.CHATML",
+                     "trl_loss_mask": "conversational prompt/completion, completion_only_loss=True"},
+        "model": model,
+        "data": data,
+        "table": best_runs(runs),
+        "runs": runs,
+        "total_wall_s": time.time() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "sft.json")
@@ -579,32 +605,13 @@ def main() -> None:
                           f"{run['peak_rss_mb']:.0f} MB, other load {run['other_load']:.0%} "
                           f"({run['process_wall_s']:.0f} s){'; discarded, retrying' if run['discarded'] else ''}",
                           flush=True)
+                    write_report(args, started, model, data, runs)
                     if not run["discarded"]:
                         break
 
-    table = best_runs(runs)
+    report = write_report(args, started, model, data, runs)
     print()
-    print_table(table)
-    report = {
-        "benchmark": "sft_throughput_cpu",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": [sys.executable, *sys.argv],
-        "note": args.note,
-        "soup_source": soup_source(),
-        "machine": machine_info(),
-        "settings": {"max_length": MAX_LENGTH, "micro_batch_size": MICRO_BATCH, "grad_accum_steps": 1, "lr": LR,
-                     "schedule": "constant", "optimizer": "torch.optim.AdamW, weight_decay 0", "max_grad_norm": 1.0,
-                     "seed": SEED, "warmup_steps": args.warmup_steps, "measured_steps": args.measured_steps,
-                     "repeats": args.repeats, "chat_template": "soup.data.templates.CHATML",
-                     "trl_loss_mask": "conversational prompt/completion, completion_only_loss=True"},
-        "model": model,
-        "data": data,
-        "table": table,
-        "runs": runs,
-        "total_wall_s": time.time() - started,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report["table"])
     print(f"wrote {args.out} ({report['total_wall_s'] / 60:.1f} min)")
 
 
