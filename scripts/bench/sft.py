@@ -1,8 +1,8 @@
 """SFT throughput on CPU: soup beside TRL's SFTTrainer, on the same model, data, batches and steps.
 
     pip install -e '.[bench]'
-    python scripts/bench/sft.py                                   # fp32 + bf16, about 10 min on 2 cores
-    python scripts/bench/sft.py --precisions fp32 --measured-steps 4   # a quick look
+    python scripts/bench/sft.py                                   # fp32 + bf16, ~12 min on a quiet 2-core machine
+    python scripts/bench/sft.py --precisions fp32 --repeats 1 --measured-steps 4   # a quick look
 
 What runs (each trainer in its own subprocess, one after the other):
 
@@ -58,6 +58,14 @@ Counting and timing, identical on both sides:
         the trainer's process right after training (soup: run.json stats.peak_memory_mb,
         taken after its final save); process_peak_rss_mb = the same for the whole
         process lifetime, from os.wait4 in this script
+
+Load: on a shared 2-core machine one busy neighbour slows a 2-thread trainer 3-8x. Before
+each run the script waits for 10 s of quiet; a sampler thread records the CPU time every
+other process used during each step (other_load); a run above --max-other-load is run
+again. --repeats runs the whole set that many times, interleaved, and the table keeps each
+row's fastest run (outside load only ever slows a run); every run stays in the JSON. For
+soup vs TRL padded, `paired_steps` also compares the two on the same-batch steps that both
+ran undisturbed.
 
 soup never imports TRL; this script imports TRL only inside the TRL subprocess.
 """
@@ -553,7 +561,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
     parser.add_argument("--packed-precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="precisions at which trl-packed runs")
+                        help="precisions at which soup-packed and trl-packed run")
     parser.add_argument("--idle-timeout", type=float, default=180.0,
                         help="seconds to wait for a quiet machine before each run")
     parser.add_argument("--max-other-load", type=float, default=0.10,
