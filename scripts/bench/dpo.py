@@ -97,8 +97,8 @@ from sft import (  # noqa: E402  (scripts/bench is not a package)
     LoadSampler,
     busy_cpu_s,
     machine_info,
-    paired_steps,
     process_cpu_s,
+    soup_source,
     summarise,
     tail,
     wait_for_idle,
@@ -535,22 +535,55 @@ def resource_peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- report
 
 
-def wait_for_process_gone(pattern: str, timeout_s: float) -> float:
-    """Wait while a process whose command line matches `pattern` runs (another benchmark); seconds waited."""
+def busy_benchmarks(pattern: str = "scripts/bench/", window_s: float = 2.0) -> list[int]:
+    """Other benchmark processes that are working: running a trainer (a child outside the
+    benchmark's own processes) or using CPU themselves. One waiting for a quiet machine is not
+    counted, so two benchmarks waiting for each other do not wait forever."""
+    found = {int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True,
+                                                text=True).stdout.split()} - {os.getpid()}
+    cpu_before = {}
+    for pid in found:
+        try:
+            cpu_before[pid] = process_cpu_s(pid)
+        except (OSError, IndexError):
+            pass
+    time.sleep(window_s)
+    busy = []
+    for pid, before in cpu_before.items():
+        children = {int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()}
+        try:
+            working = process_cpu_s(pid) - before > 0.1 * window_s
+        except (OSError, IndexError):
+            continue  # it has exited
+        if working or children - found:
+            busy.append(pid)
+    return busy
+
+
+def wait_for_other_benchmarks(timeout_s: float) -> float:
+    """Wait while another benchmark (sft.py, ...) is working: two at once ruin both. Returns seconds waited."""
     started = time.time()
-    while time.time() - started < timeout_s:
-        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-        if not [pid for pid in found if int(pid) != os.getpid()]:
-            break
-        time.sleep(10)
+    while time.time() - started < timeout_s and busy_benchmarks():
+        time.sleep(8)
     return time.time() - started
 
 
-def git_state() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def paired_steps(soup: dict, trl: dict, max_load: float = 0.05) -> dict:
+    """soup against TRL over the steps both ran with under `max_load` other load.
 
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_in_soup": git("status", "--porcelain", "soup", "conf").splitlines()}
+    Step k of both trainers trains the same 8 pairs, so leaving out a step disturbed on
+    either side keeps the comparison paired.
+    """
+    steps = [k for k, (s_l, t_l) in enumerate(zip(soup["step_other_load"], trl["step_other_load"]))
+             if s_l < max_load and t_l < max_load]
+    if not steps:
+        return {"steps": 0}
+    soup_time = sum(soup["step_time_s"][k] for k in steps)
+    trl_time = sum(trl["step_time_s"][k] for k in steps)
+    return {"steps": len(steps), "max_other_load": max_load, "soup_over_trl": trl_time / soup_time,
+            "median_trl_time_over_soup_time": statistics.median(
+                trl["step_time_s"][k] / soup["step_time_s"][k] for k in steps)}
 
 
 def build_table(runs: list[dict]) -> list[dict]:
@@ -628,6 +661,8 @@ def main() -> None:
                         help="a run during which other processes used more than this share of the cores is "
                              "run again (kept in the JSON as discarded)")
     parser.add_argument("--max-tries", type=int, default=3)
+    parser.add_argument("--others-timeout", type=float, default=3600.0,
+                        help="seconds to wait for other scripts/bench/ processes before each run")
     parser.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_child:
@@ -638,9 +673,9 @@ def main() -> None:
     steps = args.warmup_steps + args.measured_steps
 
     started = time.time()
-    waited = wait_for_process_gone("scripts/bench/sft.py", timeout_s=3600)
+    waited = wait_for_other_benchmarks(args.others_timeout)
     if waited > 1:
-        print(f"[bench] waited {waited:.0f} s for scripts/bench/sft.py to finish")
+        print(f"[bench] waited {waited:.0f} s for other benchmarks to finish")
     scratch = args.scratch.resolve()
     archs = model_archs()
     models, data = {}, {}
@@ -660,7 +695,7 @@ def main() -> None:
                 for row in args.rows:
                     for trainer in (("soup",) if row == "sft-lora" else ("soup", "trl")):
                         for attempt in range(1, args.max_tries + 1):
-                            wait_for_process_gone("scripts/bench/sft.py", timeout_s=3600)
+                            waited = wait_for_other_benchmarks(args.others_timeout)
                             idle = wait_for_idle(args.idle_timeout)
                             run_name = f"{name}-{precision}-{row}-{trainer}-repeat{repeat + 1}-try{attempt}"
                             print(f"[bench] {run_name}: {steps} steps ...", flush=True)
@@ -671,30 +706,34 @@ def main() -> None:
                                 run = run_trl(models[name], data[name], run_dir, steps, args.warmup_steps, precision, row)
                             loaded = run["other_load"] > args.max_other_load
                             run.update(model=name, precision=precision, row=row, trainer=trainer, repeat=repeat,
-                                       attempt=attempt, discarded=loaded and attempt < args.max_tries, **idle)
+                                       attempt=attempt, discarded=loaded and attempt < args.max_tries,
+                                       other_benchmarks_wait_s=round(waited, 1), **idle)
                             runs.append(run)
                             rate = run.get("trained_pairs_per_s") or run.get("trained_sequences_per_s")
                             unit = "pairs/s" if "trained_pairs_per_s" in run else "sequences/s"
                             print(f"[bench] {run_name}: {rate:.2f} {unit}, peak RSS {run['peak_rss_mb']:.0f} MB, "
                                   f"other load {run['other_load']:.0%} ({run['process_wall_s']:.0f} s)"
                                   f"{'; discarded, retrying' if run['discarded'] else ''}", flush=True)
+                            write_report(args, started, models, data, runs)
                             if not run["discarded"]:
                                 break
 
-    table = build_table(runs)
+    report = write_report(args, started, models, data, runs)
     print()
-    print_table(table)
-    versions = {}
-    for package in ("peft",):
-        versions[package] = importlib.metadata.version(package)
+    print_table(report["table"])
+    print(f"wrote {args.out} ({report['total_wall_s'] / 60:.1f} min)")
+
+
+def write_report(args: argparse.Namespace, started: float, models: dict, data: dict, runs: list[dict]) -> dict:
+    """Write the JSON report (after every run, so a late failure keeps what was measured)."""
     machine = machine_info()
-    machine["versions"].update(versions)
+    machine["versions"]["peft"] = importlib.metadata.version("peft")
     report = {
         "benchmark": "dpo_throughput_memory_cpu",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [sys.executable, *sys.argv],
         "machine": machine,
-        "git": git_state(),
+        "soup_source": soup_source(),
         "settings": {"max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH,
                      "max_completion_length": MAX_COMPLETION_LENGTH, "pairs_per_batch": PAIRS_PER_BATCH,
                      "grad_accum_steps": 1, "lr": LR, "schedule": "constant", "beta": BETA, "loss": "sigmoid",
@@ -705,13 +744,13 @@ def main() -> None:
         "models": models,
         "data": {name: {k: v for k, v in d.items() if k != "steps"} | {"steps_checked": len(d["steps"])}
                  for name, d in data.items()},
-        "table": table,
+        "table": build_table(runs),
         "runs": runs,
         "total_wall_s": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} ({report['total_wall_s'] / 60:.1f} min)")
+    return report
 
 
 if __name__ == "__main__":
