@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from soup.config import register_configs, resolve_device, validate
 from soup.data import build_datasets, collate_padded
-from soup.data.collate import collate_pairs, collate_unpaired
 from soup.data.preference import build_preference_datasets
 from soup.data.dataset import DEMO_FILES, resolve_data_path
 from soup.errors import SoupError
@@ -37,6 +36,7 @@ from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
 from soup.tasks import PreferenceTask, build_task
+from soup.tasks.preference import preference_collate, resolve_sequence_layout
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
 
 register_configs()
@@ -90,13 +90,28 @@ def arrange_batches(cfg: DictConfig, examples: list, padded_collate, tokenizer):
     from soup.data.multipack import MultipackBatchSampler, naive_padding_efficiency
 
     lengths = [len(e["input_ids"]) for e in examples]
-    sampler = MultipackBatchSampler(lengths, cfg.train.micro_batch_size, cfg.data.max_length, cfg.seed,
+    naive = naive_padding_efficiency(lengths, cfg.train.micro_batch_size, cfg.seed)
+    items, collate, eval_collate, what = examples, padded_collate, None, "examples, one per row"
+    if cfg.data.multipack_layout == "packed":
+        from soup.data.packing import collate_packed, pack_examples
+
+        # The bins' items are rows of examples packed end to end (FFD, fixed for the run);
+        # the sampler bins those rows micro_batch_size x max_length cells at a time.
+        items = pack_examples(examples, cfg.data.max_length, seed=cfg.seed)
+        what = f"rows packing {len(examples)} examples, attention inside each example"
+
+        def collate(batch_rows):
+            return collate_packed(batch_rows, tokenizer.pad_token_id, True, cfg.model.attn_implementation)
+
+        eval_collate = padded_collate
+    sampler = MultipackBatchSampler([len(item["input_ids"]) for item in items], cfg.train.micro_batch_size,
+                                    cfg.data.max_length, cfg.seed,
                                     max_items_per_bin=cfg.data.multipack_max_items_per_bin,
                                     max_mask_cells=cfg.data.multipack_max_mask_cells)
-    naive = naive_padding_efficiency(lengths, cfg.train.micro_batch_size, cfg.seed)
-    print(f"[soup] multipack: {sampler.batches_per_epoch} bins per epoch, efficiency {sampler.efficiency:.3f} "
-          f"of capacity, {sampler.padded_efficiency:.3f} of padded cells (random batches: {naive:.3f})")
-    return examples, sampler, padded_collate, None
+    print(f"[soup] multipack ({cfg.data.multipack_layout}: {len(items)} {what}): {sampler.batches_per_epoch} bins "
+          f"per epoch, efficiency {sampler.efficiency:.3f} of capacity, {sampler.padded_efficiency:.3f} of padded "
+          f"cells (random batches of examples: {naive:.3f})")
+    return items, sampler, collate, eval_collate
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -110,7 +125,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     task = build_task(cfg.task, cfg.kernels)
     if isinstance(task, PreferenceTask):
         splits = build_preference_datasets(cfg.data, tokenizer, "unpaired" if task.unpaired else "paired", cfg.seed)
-        collate_rows = collate_unpaired if task.unpaired else collate_pairs
+        layout = resolve_sequence_layout(cfg.task, cfg.model.attn_implementation, cfg.kernels.name)
+        collate_rows = preference_collate(task.unpaired, layout, cfg.model.attn_implementation)
+        print(f"[soup] sequence layout: {layout}" + (" (each prompt forwarded once; units packed into rows)"
+                                                    if layout == "shared_prompt" else ""))
         files = splits.files
     else:
         splits = build_datasets(cfg.data, tokenizer, cfg.task.name, cfg.seed)

@@ -13,6 +13,12 @@ Rows (each one soup run and one TRL run, in their own subprocesses, one after th
     lora         LoRA r 8, alpha 16, dropout 0, all linear layers but the head; reference = the
                  policy with its adapters disabled
                  soup: peft=lora task.reference=adapter   TRL: peft_config=LoraConfig(...)
+    precomputed-stacked
+                 (soup only, read beside TRL's precomputed run) soup with task.sequence_layout=stacked:
+                 prompt+chosen and prompt+rejected as two padded rows, as TRL lays them out. The other
+                 soup rows use the default layout, auto = shared_prompt here (each prompt forwarded
+                 once, both completions after it under a mask, units packed into rows; same log-probs,
+                 soup/data/shared_prompt.py), so this row shows how much of soup's lead is the layout.
     sft-lora     (soup only, for the memory goal) soup's SFT with LoRA on the same 16 sequences
                  per step that a lora DPO step forwards (below)
 
@@ -113,6 +119,8 @@ LR = 1e-5
 BETA = 0.1
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules="all-linear")
 ROWS = ("copy", "precomputed", "lora")
+# soup-only rows and the TRL row each is read beside (None: no TRL counterpart).
+SOUP_ONLY_ROWS = {"precomputed-stacked": "precomputed", "sft-lora": None}
 # SFT on the DPO step's sequences, rendered verbatim: user content, then the reply and EOS.
 PASS_THROUGH_TEMPLATE = ("{% for message in messages %}{{ message['content'] }}"
                          "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
@@ -345,9 +353,12 @@ def soup_command(model: dict, data: dict, run_dir: Path, steps: int, precision: 
         return command + ["task=sft", f"data.train_file={data['sft_file']}", "data.format=alpaca",
                           f"model.tokenizer_path={model['sft_tokenizer_dir']}",
                           f"train.micro_batch_size={2 * PAIRS_PER_BATCH}", *lora]
-    reference = {"copy": "copy", "precomputed": "precomputed", "lora": "adapter"}[row]
+    reference = {"copy": "copy", "precomputed": "precomputed", "precomputed-stacked": "precomputed",
+                 "lora": "adapter"}[row]
+    layout = "stacked" if row == "precomputed-stacked" else "auto"  # auto = shared_prompt with sdpa
     return command + [
         "task=dpo", "task.loss_type=sigmoid", f"task.beta={BETA}", f"task.reference={reference}",
+        f"task.sequence_layout={layout}",
         f"task.ref_cache_dir={run_dir / 'ref_cache'}",  # empty per run: the pass always runs
         f"data.train_file={data['soup_file']}", f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
         f"data.max_completion_length={MAX_COMPLETION_LENGTH}", f"train.micro_batch_size={PAIRS_PER_BATCH}",
@@ -388,7 +399,7 @@ def run_soup(model: dict, data: dict, run_dir: Path, steps: int, warmup: int, pr
         result["soup_self_reported_step_mean_pairs_per_s"] = statistics.mean(m["trained_pairs_per_s"]
                                                                              for m in metrics[warmup:])
         result["reference_line"] = next((line for _, line in lines if line.startswith("[soup] reference:")), None)
-    if row == "precomputed":
+    if row.startswith("precomputed"):
         before, after = first_stamp(lines, "[soup] model:"), first_stamp(lines, "[soup] reference:")
         result["reference_pass_s"] = after - before
     return result
@@ -598,7 +609,7 @@ def build_table(runs: list[dict]) -> list[dict]:
     for (model, precision, row, trainer), soup in best.items():
         if trainer != "soup" or row == "sft-lora":
             continue
-        trl = best.get((model, precision, row, "trl"))
+        trl = best.get((model, precision, SOUP_ONLY_ROWS.get(row, row), "trl"))
         entry = {"model": model, "precision": precision, "row": row,
                  "soup": {k: v for k, v in soup.items() if not k.startswith(("step_", "_"))}}
         if trl is not None:
@@ -619,7 +630,7 @@ def build_table(runs: list[dict]) -> list[dict]:
 
 
 def print_table(table: list[dict]) -> None:
-    header = (f"{'model':<6} {'prec':<5} {'row':<12} {'soup pairs/s':>12} {'TRL pairs/s':>11} {'soup/TRL':>8} "
+    header = (f"{'model':<6} {'prec':<5} {'row':<20} {'soup pairs/s':>12} {'TRL pairs/s':>11} {'soup/TRL':>8} "
               f"{'ref pass s soup/TRL':>19} {'peak RSS MB soup/TRL':>20} {'growth MB soup/TRL':>18} {'load':>9}")
     print(header)
     print("-" * len(header))
@@ -629,7 +640,7 @@ def print_table(table: list[dict]) -> None:
         ref = f"{s['reference_pass_s']:.1f} / {t['reference_pass_s']:.1f}" if "reference_pass_s" in s and t else ""
         growth = (f"{s['rss_growth_mb']:.0f} / {t['rss_growth_mb']:.0f}"
                   if t and s["rss_growth_mb"] is not None and t["rss_growth_mb"] is not None else "")
-        print(f"{r['model']:<6} {r['precision']:<5} {r['row']:<12} {s['trained_pairs_per_s']:>12.2f} "
+        print(f"{r['model']:<6} {r['precision']:<5} {r['row']:<20} {s['trained_pairs_per_s']:>12.2f} "
               f"{t.get('trained_pairs_per_s', float('nan')):>11.2f} {ratio:>8} {ref:>19} "
               f"{s['peak_rss_mb']:>9.0f} / {t.get('peak_rss_mb', float('nan')):<8.0f} {growth:>18} "
               f"{s['other_load']:>4.0%}/{t.get('other_load', float('nan')):<4.0%}")
@@ -650,7 +661,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "dpo.json")
     parser.add_argument("--scratch", type=Path, default=ROOT / ".bench" / "dpo")
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
-    parser.add_argument("--rows", nargs="+", default=[*ROWS, "sft-lora"], choices=[*ROWS, "sft-lora"])
+    parser.add_argument("--rows", nargs="+", default=[*ROWS, *SOUP_ONLY_ROWS], choices=[*ROWS, *SOUP_ONLY_ROWS])
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--warmup-steps", type=int, default=3, help="left out of the figures (>= 1)")
     parser.add_argument("--measured-steps", type=int, default=20)
@@ -693,7 +704,7 @@ def main() -> None:
         for name in args.models:
             for precision in args.precisions:
                 for row in args.rows:
-                    for trainer in (("soup",) if row == "sft-lora" else ("soup", "trl")):
+                    for trainer in (("soup",) if row in SOUP_ONLY_ROWS else ("soup", "trl")):
                         for attempt in range(1, args.max_tries + 1):
                             waited = wait_for_other_benchmarks(args.others_timeout)
                             idle = wait_for_idle(args.idle_timeout)

@@ -63,6 +63,12 @@ class PreferenceTaskConfig(TaskConfig):
     discopop_tau: float = 0.05
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    # How a batch is laid out for the forward pass: shared_prompt (one unit per example:
+    # prompt once, then both completions, masked so neither sees the other; units packed
+    # into rows; needs sdpa or eager attention), stacked (prompt+chosen rows then
+    # prompt+rejected rows), or auto (shared_prompt where the attention takes a 4-D mask).
+    # Both give the same log-probs; shared_prompt skips the second pass over each prompt.
+    sequence_layout: str = "auto"
 
 
 @dataclass
@@ -127,6 +133,10 @@ class DataConfig:
     packing_cross_doc_attn_mask: bool = False
     # First-Fit-Decreasing bins of at most micro_batch_size x max_length tokens per micro-batch.
     multipack: bool = False
+    # How a bin's examples form the micro-batch: packed (examples end to end in rows of
+    # max_length, attention kept inside each example, rows binned micro_batch_size at a
+    # time) or padded (one example per row, padded to the bin's longest; no 4-D mask).
+    multipack_layout: str = "packed"
     multipack_max_items_per_bin: Optional[int] = None
     multipack_max_mask_cells: Optional[int] = None
     # Preference tasks: caps on the prompt (keeps its end) and each completion (keeps its start).

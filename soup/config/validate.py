@@ -19,6 +19,8 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 REFERENCES = ("auto", "copy", "adapter", "precomputed", "none")
+SEQUENCE_LAYOUTS = ("auto", "shared_prompt", "stacked")
+MULTIPACK_LAYOUTS = ("packed", "padded")
 MODELS = ("tiny", "hf")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "chatml", "plaintext", "tool_calling")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -384,6 +386,13 @@ def _check_preference(cfg: DictConfig, need) -> None:
         need(task.rpo_alpha >= 0, "task.rpo_alpha must be >= 0.")
     need(task.name in UNPAIRED_TASKS or all(spec.kind == "paired" for spec in specs),
          "an unpaired loss needs task=kto or task=bco.")
+    need(task.sequence_layout in SEQUENCE_LAYOUTS,
+         f"task.sequence_layout={task.sequence_layout!r}; valid: {', '.join(SEQUENCE_LAYOUTS)}.")
+    if task.sequence_layout == "shared_prompt":
+        need(cfg.model.attn_implementation in ("sdpa", "eager") and cfg.kernels.name != "flash_attn",
+             "task.sequence_layout=shared_prompt masks each completion from the other with a 4-D attention "
+             "mask, which flash attention cannot take: use model.attn_implementation=sdpa (and not "
+             "kernels=flash_attn), or task.sequence_layout=stacked (or auto).")
     need(cfg.data.format == "auto", "data.format applies to sft/pretrain; preference rows are recognised by their "
                                     "fields (prompt/chosen/rejected or prompt/completion/label).")
 
@@ -404,6 +413,15 @@ def _check_memory(cfg: DictConfig, need) -> None:
          "data.packing_cross_doc_attn_mask needs data.packing=true (there are no documents to separate).")
     need(data.multipack or (data.multipack_max_items_per_bin is None and data.multipack_max_mask_cells is None),
          "data.multipack_max_items_per_bin / data.multipack_max_mask_cells need data.multipack=true.")
+    need(data.multipack_layout in MULTIPACK_LAYOUTS,
+         f"data.multipack_layout={data.multipack_layout!r}; valid: {', '.join(MULTIPACK_LAYOUTS)}.")
+    need(data.multipack or data.multipack_layout == "packed",
+         "data.multipack_layout is read by data.multipack=true only.")
+    if data.multipack and data.multipack_layout == "packed":
+        need(cfg.model.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+             "data.multipack_layout=packed keeps attention inside each example with a 4-D mask (sdpa, eager) "
+             "or FlashAttention's varlen path: set model.attn_implementation to one of those, or use "
+             "data.multipack_layout=padded.")
     if not token_task:
         need(not (data.packing or data.multipack),
              f"data.packing / data.multipack apply to sft and pretrain; task={cfg.task.name} batches pairs.")

@@ -226,7 +226,13 @@ def choose_kernels(model: nn.Module, device: torch.device, sample_batch: dict | 
     The model is left as it was: apply the returned parts to train with them.
     """
     device = torch.device(device)
-    candidates = auto_candidates(device) if candidates is None else candidates
+    if candidates is None:
+        candidates = auto_candidates(device)
+        mask = (sample_batch or {}).get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            # A 4-D mask (packing's cross-document mask, the shared-prompt preference layout)
+            # is one flash attention cannot take: it would attend across what the mask separates.
+            candidates = [parts for parts in candidates if "flash_attn" not in parts]
     batch = _benchmark_batch(model, sample_batch, device)
     results: dict = {}
     with _benchmark_mode(model, device, autocast_dtype):

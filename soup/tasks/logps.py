@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from soup.data.shared_prompt import TARGET_KEYS
 from soup.losses.sft import IGNORE_INDEX
 
 # Batch entries that are targets or side information, not model inputs.
-NON_MODEL_KEYS = ("labels", "ref_logps", "desirable")
+NON_MODEL_KEYS = ("labels", "ref_logps", "desirable") + TARGET_KEYS
 
 
 def labelled_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -21,14 +22,26 @@ def labelled_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
     batch: input_ids, attention_mask (or a packed row's position_ids and mask), labels
     [rows, seq] unshifted (position t predicts labels[t + 1]).
-    Returns (hidden [selected, hidden_size], targets [selected], row_of_each [selected]).
+    Or, in the shared-prompt layout (soup/data/shared_prompt.py), the positions its
+    target_* entries name. Returns (hidden [selected, hidden_size], targets [selected],
+    sequence of each [selected]).
     """
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, :-1]
+    hidden = final_hidden_states(model, batch)
+    if "target_positions" in batch:  # the shared-prompt layout names its targets
+        return (hidden[batch["target_rows"], batch["target_positions"]], batch["target_ids"],
+                batch["target_sequences"])
+    hidden = hidden[:, :-1]
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     return hidden[mask], targets[mask], mask.nonzero(as_tuple=True)[0]
+
+
+def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last layer's hidden states [rows, seq, hidden_size] (after the final norm)."""
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    # No KV cache: training never decodes, and building one costs time and memory.
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -47,7 +60,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     """
     hidden, targets, rows = labelled_hidden_states(model, batch)
     token_logps = head_logits(model, hidden).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    n_rows = batch["labels"].shape[0]
+    n_rows = int(batch["n_sequences"]) if "n_sequences" in batch else batch["labels"].shape[0]
     sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     tokens = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
     return sums, tokens

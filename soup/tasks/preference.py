@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from soup.data.collate import collate_pairs, collate_unpaired
+from soup.data.packing import MASK_ATTN_IMPLEMENTATIONS
+from soup.data.shared_prompt import collate_shared_prompt, units_in
 from soup.losses.preference import PairedLogps, chosen_nll
 from soup.losses.registry import LossSpec, get_loss
 from soup.losses.unpaired import RunningMean, UnpairedLogps
@@ -61,6 +64,35 @@ def beta_at(task_cfg, progress: float) -> float:
     if task_cfg.beta_schedule == "exponential":
         return start * (end / start) ** progress
     raise ValueError(f"unknown beta schedule {task_cfg.beta_schedule!r}")  # validate() rejects it earlier
+
+
+def resolve_sequence_layout(task_cfg, attn_implementation: str, kernels_name: str) -> str:
+    """shared_prompt | stacked, resolving `auto`: shared_prompt wherever the attention
+    implementation takes the 4-D mask it needs (sdpa, eager), since it computes the same
+    log-probs with less work."""
+    if task_cfg.sequence_layout != "auto":
+        return task_cfg.sequence_layout
+    takes_mask = attn_implementation in MASK_ATTN_IMPLEMENTATIONS and kernels_name != "flash_attn"
+    return "shared_prompt" if takes_mask else "stacked"
+
+
+def preference_collate(unpaired: bool, layout: str, attn_implementation: str):
+    """collate(examples, pad_token_id) -> batch for this task's rows in `layout`."""
+    if layout == "stacked":
+        return collate_unpaired if unpaired else collate_pairs
+    keys = ("completion_ids", "kl_completion_ids") if unpaired else ("chosen_ids", "rejected_ids")
+
+    def collate(examples, pad_token_id):
+        batch = collate_shared_prompt(examples, pad_token_id, keys, attn_implementation)
+        if unpaired:
+            batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+        ref_keys = ("ref_logp", "ref_kl_logp") if unpaired else ("ref_chosen", "ref_rejected")
+        if all(ref_keys[0] in e for e in examples):
+            batch["ref_logps"] = torch.tensor([e[ref_keys[0]] for e in examples] + [e[ref_keys[1]] for e in examples],
+                                              dtype=torch.float32)
+        return batch
+
+    return collate
 
 
 def reference_strategy(task_cfg, peft_name: str, needs_reference: bool) -> str:
@@ -143,7 +175,7 @@ class PreferenceTask(Task):
     # ------------------------------------------------------------------ forward
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return units_in(batch)
 
     def _reference_logps(self, batch) -> torch.Tensor | None:
         if not self.needs_reference:

@@ -73,7 +73,8 @@ def test_kernels_auto_logs_its_choice_and_timings(tmp_path):
     (["data.packing=true"], "cross-document attention allowed"),
     (["data.packing=true", "data.packing_cross_doc_attn_mask=true"], "cross-document attention masked"),
     (["data.packing=true", "data.packing_cross_doc_attn_mask=true", "model.attn_implementation=eager"], "masked"),
-    (["data.multipack=true"], "multipack:"),
+    (["data.multipack=true"], "multipack (packed:"),
+    (["data.multipack=true", "data.multipack_layout=padded"], "multipack (padded:"),
 ])
 def test_packing_and_multipack_train_and_report_efficiency(tmp_path, overrides, expect):
     run_dir, out = train(tmp_path, "packed", *overrides, "data.val_split=0.1", "train.eval_every_steps=3")

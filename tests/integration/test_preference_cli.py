@@ -72,3 +72,17 @@ def test_stories260k_held_out_reward_accuracy_rises_above_half(task, extra, tmp_
     assert history[0]["step"] == 0
     assert history[-1]["rewards/accuracies"] > 0.5, accuracies
     assert history[-1]["rewards/accuracies"] > history[0]["rewards/accuracies"], accuracies
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_both_sequence_layouts_train_to_the_same_first_step(task, tmp_path):
+    # The layouts compute the same log-probs; a step's loss and rewards agree to float noise.
+    firsts = []
+    for layout in ("stacked", "shared_prompt"):
+        out = run_cli(f"task={task}", "debug=tiny", f"task.sequence_layout={layout}", "train.max_steps=2",
+                      f"hydra.run.dir={tmp_path / layout}")
+        assert f"sequence layout: {layout}" in out.stdout
+        rows = [json.loads(line) for line in (tmp_path / layout / "metrics.jsonl").read_text().splitlines()]
+        firsts.append(next(r for r in rows if r["split"] == "train"))
+    for key in ("loss", "rewards/chosen", "logps/rejected"):
+        assert firsts[1][key] == pytest.approx(firsts[0][key], abs=1e-4), key

@@ -118,3 +118,27 @@ def test_reference_adapter_with_lora_is_accepted_but_without_it_names_both_flags
 def test_several_preference_problems_are_reported_together():
     message = rejected("task=dpo", "task.simpo_gamma=1.0", "task.reference=none", "task.beta_schedule=cosine")
     assert all(flag in message for flag in ("task.simpo_gamma", "task.reference=none", "task.beta_end"))
+
+
+# ----------------------------------------------------------------------------- sequence layout
+
+
+@pytest.mark.parametrize("layout", ["auto", "shared_prompt", "stacked"])
+def test_each_sequence_layout_validates(layout):
+    validate(make("task=dpo", f"task.sequence_layout={layout}"))
+
+
+def test_an_unknown_sequence_layout_lists_the_valid_ones():
+    assert "valid: auto, shared_prompt, stacked" in rejected("task=dpo", "task.sequence_layout=shared")
+
+
+def test_shared_prompt_with_flash_attention_is_rejected_with_the_fix():
+    message = rejected("task=dpo", "task.sequence_layout=shared_prompt", "model.attn_implementation=eager",
+                       "kernels=flash_attn")
+    assert "task.sequence_layout=stacked" in message
+
+
+def test_multipack_layout_needs_multipack_and_a_known_value():
+    validate(make("data.multipack=true", "data.multipack_layout=padded"))
+    assert "data.multipack=true" in rejected("data.multipack_layout=padded")
+    assert "valid: packed, padded" in rejected("data.multipack=true", "data.multipack_layout=rows")

@@ -185,3 +185,24 @@ def test_efficiency_on_the_real_alpaca_demo_lengths():
     print(report)
     assert sampler.padded_efficiency > naive + 0.2, report
     assert sampler.efficiency >= 0.9, report
+
+
+def test_the_packed_layout_fills_bins_on_the_real_alpaca_demo_lengths():
+    # data.multipack_layout=packed (the default): examples are packed end to end into rows of
+    # max_length first, and the sampler bins those rows; the goal is >= 95% of capacity.
+    from soup.data.packing import pack_examples
+
+    data = require_shared("data/sft/llamafactory_alpaca_en_demo.alpaca.jsonl")
+    tokenizer = load_tokenizer(str(require_shared("models/stories260k")))
+    cfg = DataConfig(name="file", train_file=str(data), chat_template="chatml", max_length=512, overlong="drop")
+    examples = build_datasets(cfg, tokenizer, "sft", seed=0).train
+    rows = pack_examples(examples, 512, seed=0)
+    sampler = MultipackBatchSampler([len(r["input_ids"]) for r in rows], micro_batch_size=8, max_length=512, seed=0)
+    padded = MultipackBatchSampler([len(e["input_ids"]) for e in examples], micro_batch_size=8, max_length=512, seed=0)
+    report = (f"alpaca demo, {len(examples)} rows -> {len(rows)} packed rows: efficiency {sampler.efficiency:.3f} "
+              f"of capacity (padded layout: {padded.efficiency:.3f})")
+    print(report)
+    assert sampler.efficiency >= 0.95, report
+    assert sampler.efficiency > padded.efficiency, report
+    seen = sorted(i for b in sampler.epoch_bins(0) for r in b for i in rows[r]["example_indices"])
+    assert seen == list(range(len(examples)))
