@@ -118,7 +118,9 @@ class DataConfig:
     # null = the tokenizer's own template; a preset (chatml, llama3); or a raw Jinja string.
     chat_template: Optional[str] = None
     max_length: int = 512
-    # What happens to a row longer than max_length: truncate | drop (the count is reported).
+    # What happens to a row longer than max_length (counts are reported): truncate (keep the
+    # first max_length tokens; a row left with nothing to train is an error naming it), drop,
+    # or truncate_or_drop (truncate, and drop only the rows the cut leaves with nothing to train).
     overlong: str = "truncate"
     # Fraction of the training rows held out for validation when no val_file is given.
     val_split: float = 0.0

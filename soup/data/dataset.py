@@ -32,7 +32,7 @@ PKG_PREFIX = "pkg://"
 DEMO_FILES = {"sft": "pkg://demo/sft.jsonl", "pretrain": "pkg://demo/pretrain.jsonl",
               "preference": "pkg://demo/preference.jsonl"}
 TASK_FORMATS = {"sft": CHAT_FORMATS, "pretrain": ("plaintext",)}
-OVERLONG_POLICIES = ("truncate", "drop")
+OVERLONG_POLICIES = ("truncate", "drop", "truncate_or_drop")
 
 
 class Example(TypedDict):
@@ -215,6 +215,7 @@ def _tokenize_rows(
     dropped: Counter[str] = Counter()
     examples: list[Example] = []
     max_length, drop = data_cfg.max_length, data_cfg.overlong == "drop"
+    drop_emptied = data_cfg.overlong == "truncate_or_drop"
     for row in rows:
         input_ids, labels = _tokenize_row(row, fmt, tokenizer, template, data_cfg)
         full_length = len(input_ids)
@@ -223,13 +224,17 @@ def _tokenize_rows(
                 dropped["overlong"] += 1
                 continue
             input_ids, labels = input_ids[:max_length], labels[:max_length]
-            report.rows_truncated += 1
         # labels[0] is never a target: position t predicts labels[t + 1].
         if all(label == IGNORE_INDEX for label in labels[1:]):
             if drop:
                 dropped["no_trained_tokens"] += 1
                 continue
+            if drop_emptied and full_length > max_length:
+                # The cut removed every trained token (a prompt that fills max_length).
+                dropped["nothing_to_train_after_truncation"] += 1
+                continue
             raise _no_trained_tokens(row, full_length, max_length)
+        report.rows_truncated += full_length > max_length
         examples.append(Example(input_ids=input_ids, labels=labels))
 
     report.rows_dropped = sum(dropped.values())
@@ -265,7 +270,8 @@ def _no_trained_tokens(row: Row, full_length: int, max_length: int) -> DataError
     if full_length > max_length:
         return row_error(row, f"no trainable tokens left after truncating {full_length} tokens to "
                               f"data.max_length={max_length} (the assistant turns were cut off)",
-                         fix=f"raise data.max_length to at least {full_length}, or set data.overlong=drop.")
+                         fix=f"raise data.max_length to at least {full_length}, or set data.overlong=truncate_or_drop "
+                             "(drops only such rows) or drop (drops every overlong row).")
     return row_error(row, "no trainable tokens: the chat template rendered no assistant text",
                      fix="check data.chat_template, or set data.overlong=drop to skip such rows.")
 

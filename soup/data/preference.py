@@ -13,7 +13,8 @@ data.max_prompt_length tokens), and if prompt + longest completion still exceeds
 data.max_length the prompt loses more of its start. With data.max_completion_length
 unset, a completion may use what the prompt leaves, but the prompt always keeps up
 to half of data.max_length (or data.max_prompt_length), so a long answer never
-pushes the question out entirely. data.overlong=drop drops such rows instead.
+pushes the question out entirely. data.overlong=drop drops such rows instead;
+data.overlong=truncate_or_drop drops only a row whose completion leaves no room for the prompt.
 """
 
 from __future__ import annotations
@@ -222,15 +223,19 @@ class _Encoder:
         if needs_cut and self.cfg.overlong == "drop":
             report.rows_dropped += 1
             return None, [None] * len(completions)
-        if any(len(c) > max_completion for c in completion_ids):
-            report.completions_truncated += 1
-            completion_ids = [c[:max_completion] for c in completion_ids]
+        completions_cut = any(len(c) > max_completion for c in completion_ids)
+        completion_ids = [c[:max_completion] for c in completion_ids]
         longest = max(len(c) for c in completion_ids)
         prompt_budget = min(self.max_prompt, self.cfg.max_length - longest)
         if prompt_budget < 1 and prompt_ids:
+            if self.cfg.overlong == "truncate_or_drop":
+                report.rows_dropped += 1
+                return None, [None] * len(completions)
             raise row_error(row, f"the completion alone takes {longest} of data.max_length={self.cfg.max_length} "
                                  "tokens, leaving none for the prompt",
-                            fix="raise data.max_length, lower data.max_completion_length, or set data.overlong=drop.")
+                            fix="raise data.max_length, lower data.max_completion_length, or set data.overlong="
+                                "truncate_or_drop (drops only such rows) or drop.")
+        report.completions_truncated += completions_cut
         if len(prompt_ids) > prompt_budget:
             report.prompts_truncated += 1
             prompt_ids = prompt_ids[len(prompt_ids) - prompt_budget:]

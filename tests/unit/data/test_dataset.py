@@ -98,7 +98,7 @@ def test_a_row_truncated_to_zero_trainable_tokens_names_file_line_and_fix(byte_t
     path = write_jsonl([chat_row("hi", "yo"), chat_row("q" * 80, "yo")])
     with pytest.raises(DataError, match=re.escape(f"{path}:2: no trainable tokens left")) as info:
         build_datasets(data_config(train_file=str(path), max_length=40), byte_tokenizer, "sft", seed=0)
-    assert "raise data.max_length" in str(info.value) and "data.overlong=drop" in str(info.value)
+    assert "raise data.max_length" in str(info.value) and "data.overlong=truncate_or_drop" in str(info.value)
 
 
 def test_nothing_left_after_dropping_is_an_error_naming_the_file(byte_tokenizer, write_jsonl, data_config):
@@ -258,3 +258,16 @@ def test_accepts_a_hydra_dictconfig(byte_tokenizer, write_jsonl):
     path = write_jsonl(numbered_rows(3))
     cfg = OmegaConf.structured(DataConfig(name="file", train_file=str(path), chat_template="chatml"))
     assert len(build_datasets(cfg, byte_tokenizer, "sft", seed=0).train) == 3
+
+
+def test_truncate_or_drop_truncates_and_drops_only_rows_left_with_nothing_to_train(
+        byte_tokenizer, write_jsonl, data_config):
+    # Row 2's prompt alone fills max_length (plain truncate stops on it, drop would also
+    # drop row 3, which still trains 40 - prompt tokens after the cut).
+    path = write_jsonl([chat_row("hi", "yo"), chat_row("q" * 80, "yo"), chat_row("hi", "z" * 60)])
+    cfg = data_config(train_file=str(path), max_length=40, overlong="truncate_or_drop")
+    splits = build_datasets(cfg, byte_tokenizer, "sft", seed=0)
+    report = splits.report
+    assert [len(e["input_ids"]) for e in splits.train] == [chatml_length("hi", "yo"), 40]
+    assert (report.rows_used, report.rows_truncated, report.rows_dropped) == (2, 1, 1)
+    assert report.dropped_reasons == {"nothing_to_train_after_truncation": 1}

@@ -254,7 +254,7 @@ def test_completion_filling_max_length_alone_is_refused_with_the_fix(write_jsonl
     with pytest.raises(DataError) as info:
         build_preference_datasets(data_config(train_file=str(path), max_length=8, max_completion_length=8),
                                   byte_tokenizer, "paired", 0)
-    assert_row_error(info, path, 1, "data.max_completion_length", "data.overlong=drop")
+    assert_row_error(info, path, 1, "data.max_completion_length", "data.overlong=truncate_or_drop")
 
 
 def test_overlong_drop_drops_rows_and_counts_them(build):
@@ -370,3 +370,11 @@ def test_collate_unpaired_stacks_matched_then_mismatched_rows_with_labels():
     assert "ref_logps" not in batch
     rows = [dict(rows[0], ref_logp=-1.0, ref_kl_logp=-5.0), dict(rows[1], ref_logp=-2.0, ref_kl_logp=-6.0)]
     assert collate_unpaired(rows, PAD)["ref_logps"].tolist() == [-1.0, -2.0, -5.0, -6.0]
+
+
+def test_truncate_or_drop_drops_only_a_pair_whose_completion_leaves_no_room(build):
+    rows = [pair("a", "b", "c"), pair("Q", "0123456789", "x"), pair("abcdefghij", "0", "1")]
+    splits = build(rows, max_length=8, max_completion_length=8, overlong="truncate_or_drop")
+    report = splits.report
+    assert (report.rows_read, report.rows_used, report.rows_dropped) == (3, 2, 1)
+    assert (report.prompts_truncated, report.completions_truncated) == (1, 0)  # the dropped pair is not counted
