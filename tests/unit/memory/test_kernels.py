@@ -115,6 +115,17 @@ def test_auto_candidates_on_cuda_are_every_supported_combination(monkeypatch):
     assert ("liger", "flash_attn", "compile") in candidates
 
 
+def test_auto_never_times_flash_attn_on_a_batch_with_a_4d_mask(monkeypatch):
+    # Packing's cross-document mask and the shared-prompt preference layout carry a 4-D
+    # mask that flash attention cannot take; auto must not even try it.
+    monkeypatch.setattr(kernels, "auto_candidates", lambda device: [(), ("flash_attn",)])
+    batch = sample_batch(rows=2, seq=16)
+    batch["attention_mask"] = torch.ones(2, 1, 16, 16, dtype=torch.bool).tril()
+    assert set(choose_kernels(tiny_llama(), CPU, batch).results) == {"none"}
+    batch["attention_mask"] = torch.ones(2, 16, dtype=torch.long)
+    assert set(choose_kernels(tiny_llama(), CPU, batch).results) == {"none", "flash_attn"}
+
+
 def test_ties_go_to_the_simpler_candidate_and_clear_wins_to_the_faster():
     order = ["none", "compile"]
     assert pick_fastest({"none": 10.0, "compile": 9.9}, order) == "none"
