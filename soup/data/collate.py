@@ -52,11 +52,7 @@ def collate_pairs(examples: Sequence[dict], pad_token_id: int) -> dict[str, torc
     """
     rows = _prompt_completion_rows([(e["prompt_ids"], e["chosen_ids"]) for e in examples]
                                    + [(e["prompt_ids"], e["rejected_ids"]) for e in examples])
-    batch = collate_padded(rows, pad_token_id)
-    if all("ref_chosen" in e for e in examples):
-        batch["ref_logps"] = torch.tensor([e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples],
-                                          dtype=torch.float32)
-    return batch
+    return add_ref_logps(collate_padded(rows, pad_token_id), examples, ("ref_chosen", "ref_rejected"))
 
 
 def collate_unpaired(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -69,7 +65,14 @@ def collate_unpaired(examples: Sequence[dict], pad_token_id: int) -> dict[str, t
                                    + [(e["prompt_ids"], e["kl_completion_ids"]) for e in examples])
     batch = collate_padded(rows, pad_token_id)
     batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
-    if all("ref_logp" in e for e in examples):
-        batch["ref_logps"] = torch.tensor([e["ref_logp"] for e in examples] + [e["ref_kl_logp"] for e in examples],
+    return add_ref_logps(batch, examples, ("ref_logp", "ref_kl_logp"))
+
+
+def add_ref_logps(batch: dict[str, torch.Tensor], examples: Sequence[dict], keys: tuple[str, str]) -> dict:
+    """Add ref_logps [2B] (every example's first key, then every example's second) when all
+    examples carry precomputed reference log-probs; the order matches the batch's sequences."""
+    first, second = keys
+    if all(first in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e[first] for e in examples] + [e[second] for e in examples],
                                           dtype=torch.float32)
     return batch

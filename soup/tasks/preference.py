@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from soup.data.collate import collate_pairs, collate_unpaired
+from soup.data.collate import add_ref_logps, collate_pairs, collate_unpaired
 from soup.data.packing import MASK_ATTN_IMPLEMENTATIONS
 from soup.data.shared_prompt import collate_shared_prompt, units_in
 from soup.losses.preference import PairedLogps, chosen_nll
@@ -86,11 +86,7 @@ def preference_collate(unpaired: bool, layout: str, attn_implementation: str):
         batch = collate_shared_prompt(examples, pad_token_id, keys, attn_implementation)
         if unpaired:
             batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
-        ref_keys = ("ref_logp", "ref_kl_logp") if unpaired else ("ref_chosen", "ref_rejected")
-        if all(ref_keys[0] in e for e in examples):
-            batch["ref_logps"] = torch.tensor([e[ref_keys[0]] for e in examples] + [e[ref_keys[1]] for e in examples],
-                                              dtype=torch.float32)
-        return batch
+        return add_ref_logps(batch, examples, ("ref_logp", "ref_kl_logp") if unpaired else ("ref_chosen", "ref_rejected"))
 
     return collate
 
