@@ -86,7 +86,8 @@ def preference_collate(unpaired: bool, layout: str, attn_implementation: str):
         batch = collate_shared_prompt(examples, pad_token_id, keys, attn_implementation)
         if unpaired:
             batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
-        return add_ref_logps(batch, examples, ("ref_logp", "ref_kl_logp") if unpaired else ("ref_chosen", "ref_rejected"))
+        ref_keys = ("ref_logp", "ref_kl_logp") if unpaired else ("ref_chosen", "ref_rejected")
+        return add_ref_logps(batch, examples, ref_keys)
 
     return collate
 
