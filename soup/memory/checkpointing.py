@@ -53,6 +53,10 @@ SELECTIVE_SAVED_FRACTION = 0.15
 AUTO_MEMORY_FRACTION = 0.8
 
 
+# The keywords under which transformers hands a decoder block its KV cache, across versions.
+CACHE_KEYWORDS = ("past_key_values", "cache", "layer_past")
+
+
 class _CheckpointedForward:
     """A module's forward, run under torch.utils.checkpoint when training with grad.
 
@@ -69,10 +73,10 @@ class _CheckpointedForward:
             return self.forward(*args, **kwargs)
         # A KV cache would be written twice (forward and recompute), so the recompute
         # would see twice the keys; training never reads it (transformers does the same).
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None
-        if kwargs.get("layer_past") is not None:
-            kwargs["layer_past"] = None
+        # transformers 5.24 renamed the keyword `past_key_values` to `cache`; clear every name.
+        for cache_keyword in CACHE_KEYWORDS:
+            if kwargs.get(cache_keyword) is not None:
+                kwargs[cache_keyword] = None
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
