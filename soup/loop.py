@@ -27,7 +27,7 @@ from tqdm import tqdm
 from soup.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from soup.data.sampler import ResumableBatchSampler
 from soup.errors import SoupError
-from soup.optim import build_optimizer, build_scheduler, prepare_for_eval, prepare_for_train
+from soup.optim import build_optimizer, build_scheduler, effective_optimizer, prepare_for_eval, prepare_for_train
 from soup.tasks import Task
 from soup.tracking import peak_memory_mb, reset_peak_memory
 
@@ -73,9 +73,14 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def total_optimizer_steps(train_cfg: DictConfig, batches_per_epoch: int) -> int:
-    if train_cfg.max_steps > 0:
+    """train.max_steps, else the steps of train.epochs (default 1) passes over the data."""
+    if train_cfg.max_steps is not None:
         return train_cfg.max_steps
-    return math.ceil(train_cfg.epochs * batches_per_epoch / train_cfg.grad_accum_steps)
+    return math.ceil(epochs_to_run(train_cfg) * batches_per_epoch / train_cfg.grad_accum_steps)
+
+
+def epochs_to_run(train_cfg: DictConfig) -> int:
+    return 1 if train_cfg.epochs is None else train_cfg.epochs
 
 
 def average_metrics(sums: dict[str, float], counts: dict[str, float], units: int) -> dict[str, float]:
@@ -136,9 +141,14 @@ def train_loop(
     eval_collate = eval_collate or collate
     total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch)
     # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
-    total_micro_batches = None if train_cfg.max_steps > 0 else train_cfg.epochs * sampler.batches_per_epoch
+    total_micro_batches = (None if train_cfg.max_steps is not None
+                           else epochs_to_run(train_cfg) * sampler.batches_per_epoch)
     optimizer = build_optimizer(model, cfg.optim, cfg.peft)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
+    length = (f"train.max_steps={train_cfg.max_steps}" if train_cfg.max_steps is not None
+              else f"{epochs_to_run(train_cfg)} epoch(s) of {sampler.batches_per_epoch} micro-batches")
+    print(f"[soup] {total_steps} optimizer steps ({length}, {train_cfg.grad_accum_steps} micro-batch(es) each); "
+          f"optimizer {effective_optimizer(optimizer)}")
     scaler = torch.amp.GradScaler(device.type) if train_cfg.precision == "fp16" else None
     checkpoints_dir = run_dir / "checkpoints"
 

@@ -21,29 +21,32 @@ import torch
 from soup.errors import SoupError
 
 
-def load_base(adapter_dir: Path, base: str | None):
+def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = False):
+    """The base model to merge into (see the module docstring for the search order).
+
+    A soup run that trained with model.trust_remote_code=true merges with it too."""
+    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
+    run_config = adapter_dir.parent / ".hydra" / "config.yaml"
+    run_cfg = OmegaConf.load(run_config) if run_config.exists() else None
+    trust_remote_code = trust_remote_code or bool(run_cfg is not None and run_cfg.model.get("trust_remote_code"))
     if base is None:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         if (adapter_dir / "base_model").is_dir():  # LoftQ saves its modified base beside the adapter
             base = str(adapter_dir / "base_model")
     if base:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    run_config = adapter_dir.parent / ".hydra" / "config.yaml"
-    if not run_config.exists():
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if run_cfg is None:
         raise SoupError(f"{adapter_dir}: the adapter names no base model and is not inside a soup run directory.\n"
                         "  fix: pass --base <base model directory>.")
-    from omegaconf import OmegaConf
-
     from soup.models.load import build_model, build_tokenizer
 
-    cfg = OmegaConf.load(run_config)
-    return build_model(cfg.model, build_tokenizer(cfg.model), cfg.seed)
+    return build_model(run_cfg.model, build_tokenizer(run_cfg.model), run_cfg.seed)
 
 
-def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
+def merge(adapter_dir: Path, out_dir: Path, base: str | None = None, trust_remote_code: bool = False) -> Path:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -51,7 +54,7 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
     if not (adapter_dir / "adapter_config.json").exists():
         raise SoupError(f"--adapter {adapter_dir}: no adapter_config.json there.\n"
                         "  fix: point --adapter at a run's final/ directory (trained with a peft option).")
-    model = PeftModel.from_pretrained(load_base(adapter_dir, base), adapter_dir).merge_and_unload()
+    model = PeftModel.from_pretrained(load_base(adapter_dir, base, trust_remote_code), adapter_dir).merge_and_unload()
     model.save_pretrained(out_dir)
     if (adapter_dir / "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
@@ -63,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", required=True, type=Path, help="adapter directory (a run's final/)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the merged model")
     parser.add_argument("--base", default=None, help="base model directory or hub id (default: see above)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the base model's own modelling code (as model.trust_remote_code)")
     args = parser.parse_args(argv)
     try:
-        out = merge(args.adapter, args.out, args.base)
+        out = merge(args.adapter, args.out, args.base, args.trust_remote_code)
     except SoupError as exc:
         print(f"[soup] error: {exc}", file=sys.stderr)
         return 2

@@ -108,6 +108,11 @@ class Tracker:
         if self._backend is not None:
             self._backend.truncate_after(step)
 
+    def describe(self) -> str:
+        """Where this run's metrics go, for the run log."""
+        mirror = f", mirrored to {self._backend.describe()}" if self._backend is not None else ""
+        return f"metrics -> {self.metrics_path}{mirror}"
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -183,6 +188,10 @@ class _Backend(abc.ABC):
     def close(self) -> None:
         pass
 
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for the run log: where the metrics go."""
+
 
 class _TensorBoardBackend(_Backend):
     def __init__(self, run_dir: Path, config: dict):
@@ -208,6 +217,9 @@ class _TensorBoardBackend(_Backend):
     def close(self) -> None:
         self._writer.close()
 
+    def describe(self) -> str:
+        return f"tensorboard -> {self.log_dir}"
+
 
 class _WandbBackend(_Backend):
     def __init__(self, run_dir: Path, config: dict, *, project: str, mode: str, resume: bool):
@@ -225,6 +237,11 @@ class _WandbBackend(_Backend):
             resume="allow" if run_id else None,
         )
         id_path.write_text(self._run.id + "\n")
+        self._mode = mode
+
+    def describe(self) -> str:
+        # Read back from the run wandb opened, not from the config we passed it.
+        return f"wandb run {self._run.id}, project {self._run.project!r}, mode {self._mode} -> {self._run.dir}"
 
     def log(self, metrics: dict[str, float], step: int, split: str) -> None:
         self._run.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)

@@ -34,7 +34,7 @@ from soup.memory.setup import apply_memory_features
 from soup.models.adapters import save_final_adapter, save_initial_adapter
 from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
-from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters
+from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
 from soup.tasks import PreferenceTask, build_task
 from soup.tasks.preference import preference_collate, resolve_sequence_layout
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
@@ -114,10 +114,13 @@ def arrange_batches(cfg: DictConfig, examples: list, padded_collate, tokenizer):
     return items, sampler, collate, eval_collate
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Train according to `cfg`, writing everything under `run_dir`; return the objective."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> float | None:
+    """Train according to `cfg`, writing everything under `run_dir`; return the objective.
+
+    `overrides`: the command-line overrides, which validation needs to tell a field the
+    user set from a default (soup/config/scope.py)."""
     started = time.time()
-    validate(cfg)
+    validate(cfg, overrides)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
 
@@ -151,10 +154,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     if cfg.quant.name in BNB_QUANTS:
         # Quantised weights are placed on the device as they load; adapters train on top.
         if cfg.model.name == "hf":
-            model = load_quantized(cfg.model.path, cfg.quant, device,
-                                   attn_implementation=cfg.model.attn_implementation)
+            model = load_quantized(cfg.model.path, cfg.quant, device, **load_kwargs(cfg.model))
         else:
-            model = quantize_built_model(build_model(cfg.model, tokenizer, cfg.seed), cfg.quant, device)
+            model = quantize_built_model(build_model(cfg.model, tokenizer, cfg.seed), cfg.quant, device,
+                                         **load_kwargs(cfg.model))
         model = apply_peft(prepare_for_adapters(model), cfg.peft, cfg.seed)
         print(f"[soup] quant: {cfg.quant.name} bitsandbytes weights"
               + (f" ({cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, compute "
@@ -183,6 +186,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)
+    print(f"[soup] {tracker.describe()}")
     try:
         result = train_loop(cfg, model, task, train_examples, splits.val, collate, run_dir, tracker, device,
                             sampler=sampler, eval_collate=eval_collate)
@@ -227,7 +231,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except SoupError as exc:
         print(f"[soup] error: {exc}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:

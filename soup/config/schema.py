@@ -282,7 +282,10 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    """Learning-rate schedule with linear warmup; warmup_steps wins over warmup_ratio."""
+    """Learning-rate schedule with linear warmup of warmup_steps, or warmup_ratio of the run.
+
+    Set one: a command-line value replaces the other's default from the option's yaml
+    (cosine and linear default to warmup_ratio=0.05); both set is an error."""
 
     name: str = MISSING
     warmup_steps: int = 0
@@ -307,12 +310,16 @@ class TrainConfig:
 
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    # Positive: stop after this many optimizer steps; otherwise run `epochs` epochs.
-    max_steps: int = -1
-    epochs: int = 1
+    # The run's length: max_steps optimizer steps, or `epochs` passes over the data (one
+    # pass when both are null). Set one; a command-line value replaces a config file's
+    # default for the other (the demo data sets max_steps=150). Both set is an error.
+    max_steps: Optional[int] = None
+    epochs: Optional[int] = None
     # fp32 | bf16 (autocast, CPU and CUDA) | fp16 (autocast + grad scaler, CUDA only)
     precision: str = "fp32"
     max_grad_norm: float = 1.0
+    # Evaluate on the validation data every N steps (0: only at the end). Evaluation follows
+    # the data: with no validation split or file there is none, and the eval flags are errors.
     eval_every_steps: int = 0
     # Also evaluate before the first step (a fresh run only), as the baseline of the curve.
     eval_at_start: bool = False

@@ -11,6 +11,7 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from soup.config.scope import command_line_fields, has_val_data, unknown_keys, unread_fields
 from soup.errors import ConfigError
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
@@ -49,8 +50,17 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every problem in `cfg`, or return None."""
+def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Raise ConfigError listing every problem in `cfg`, or return None.
+
+    `overrides` are the command-line overrides (Hydra's task overrides): a field they
+    name counts as set even at its default value (soup/config/scope.py), and they decide
+    which of two fields saying the same thing wins (resolve_alternatives, which may
+    clear the other in `cfg`).
+    """
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in unknown))
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -79,12 +89,10 @@ def validate(cfg: DictConfig) -> None:
     one_of("data.overlong", cfg.data.overlong, OVERLONG_POLICIES)
     one_of("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
 
+    resolve_alternatives(cfg, overrides, need)
+    problems.extend(unread_fields(cfg, overrides))
     if cfg.task.name in PREFERENCE_TASKS:
         _check_preference(cfg, need)
-    else:
-        need(cfg.data.max_prompt_length is None and cfg.data.max_completion_length is None,
-             f"data.max_prompt_length / data.max_completion_length apply to preference tasks; "
-             f"task={cfg.task.name} reads data.max_length only.")
     _check_model(cfg, need)
     _check_data(cfg, need)
     _check_train(cfg, need)
@@ -96,11 +104,37 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+# Pairs of fields that say the same thing two ways, with the value that means "not set".
+ALTERNATIVES = (
+    ("train.max_steps", "train.epochs", None, "the run's length"),
+    ("sched.warmup_steps", "sched.warmup_ratio", 0, "the warmup"),
+)
+
+
+def resolve_alternatives(cfg: DictConfig, overrides, need) -> None:
+    """One rule for each pair in ALTERNATIVES (e.g. train.max_steps optimizer steps or
+    train.epochs passes over the data; one pass when neither is set): set one. A config
+    file may set one as a default (the demo data sets train.max_steps=150, sched=cosine a
+    warmup_ratio); the one named on the command line replaces it, and the other is
+    cleared in `cfg`. Both set any other way is an error."""
+    named = command_line_fields(overrides)
+    for first, second, unset, meaning in ALTERNATIVES:
+        first_value, second_value = OmegaConf.select(cfg, first), OmegaConf.select(cfg, second)
+        if first_value == unset or second_value == unset:
+            continue
+        if (first in named) != (second in named):
+            group, key = (second if first in named else first).split(".")
+            cfg[group][key] = unset
+            continue
+        unset_text = "null" if unset is None else unset
+        need(False, f"{first}={first_value} and {second}={second_value} both set {meaning}; set one "
+                    f"({first}={unset_text} or {second}={unset_text} clears the other).")
+
+
 def _check_model(cfg: DictConfig, need) -> None:
     if cfg.model.name == "hf":
         need(bool(cfg.model.path), "model=hf needs model.path (a local directory or a hub id).")
     if cfg.model.name == "tiny":
-        need(cfg.model.path is None, "model.path is only read with model=hf; drop it or set model=hf.")
         tiny = cfg.model.tiny
         need(tiny.hidden_size % tiny.num_attention_heads == 0,
              "model.tiny.hidden_size must be a multiple of model.tiny.num_attention_heads.")
@@ -115,31 +149,7 @@ def _check_model(cfg: DictConfig, need) -> None:
 
 def _check_peft(cfg: DictConfig, need) -> None:
     peft = cfg.peft
-    from soup.config.schema import PeftConfig
-
-    defaults = PeftConfig()
-    # Which fields each option reads; any other field must stay at its default.
-    reads = {"none": {"freeze_layers", "freeze_ratio"}}
-    lora_fields = {"r", "alpha", "dropout", "target_modules", "rank_pattern", "alpha_pattern", "freeze_layers",
-                   "freeze_ratio", "loraplus_lr_ratio"}
-    for name in ("lora", "dora", "rslora"):
-        reads[name] = lora_fields | {"init"}
-    for name in ("olora", "pissa"):
-        reads[name] = lora_fields
-    reads["loftq"] = lora_fields | {"loftq_bits", "loftq_iter"}
-    reads["vera"] = {"r", "dropout", "target_modules", "vera_d_initial", "freeze_layers", "freeze_ratio"}
-    for field_name in ("r", "alpha", "dropout", "target_modules", "rank_pattern", "alpha_pattern", "init",
-                       "loftq_bits", "loftq_iter", "vera_d_initial", "freeze_layers", "freeze_ratio",
-                       "loraplus_lr_ratio"):
-        value, default = peft[field_name], getattr(defaults, field_name)
-        if OmegaConf.is_config(value):
-            value = OmegaConf.to_container(value)
-        if peft.name in reads and field_name not in reads[peft.name] and value != default:
-            readers = sorted(n for n, fields in reads.items() if field_name in fields)
-            need(False, f"peft.{field_name} is not read by peft={peft.name}; it is read by: {', '.join(readers)}.")
-    if peft.name == "none":
-        pass
-    else:
+    if peft.name != "none":
         need(peft.r > 0, f"peft.r must be positive (got {peft.r}).")
         need(peft.alpha > 0, f"peft.alpha must be positive (got {peft.alpha}).")
         need(0.0 <= peft.dropout < 1.0, f"peft.dropout must be in [0, 1) (got {peft.dropout}).")
@@ -205,16 +215,13 @@ def _check_train(cfg: DictConfig, need) -> None:
     train = cfg.train
     need(train.micro_batch_size >= 1, "train.micro_batch_size must be at least 1.")
     need(train.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1.")
-    need(train.max_steps > 0 or train.epochs >= 1, "set train.max_steps > 0 or train.epochs >= 1.")
+    need(train.max_steps is None or train.max_steps > 0, f"train.max_steps must be positive or null (got {train.max_steps}).")
+    need(train.epochs is None or train.epochs >= 1, f"train.epochs must be at least 1 or null (got {train.epochs}).")
     need(train.keep_last_checkpoints >= 1, "train.keep_last_checkpoints must be at least 1.")
     need(train.save_every_steps >= 0 and train.eval_every_steps >= 0,
          "train.save_every_steps and train.eval_every_steps must be >= 0 (0 = off).")
     need(train.log_every_steps >= 1, "train.log_every_steps must be at least 1.")
     need(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping).")
-    if train.eval_every_steps > 0 or train.eval_at_start:
-        need(bool(cfg.data.val_file) or cfg.data.val_split > 0,
-             "train.eval_every_steps / train.eval_at_start is set but there is no validation data; "
-             "set data.val_split or data.val_file, or train.eval_every_steps=0 train.eval_at_start=false.")
     if cfg.resume not in (None, "auto"):
         need(os.path.isdir(cfg.resume), f"resume={cfg.resume!r} is not a checkpoint directory; "
                                          "use resume=auto or a path like <run dir>/checkpoints/step-100.")
@@ -236,26 +243,11 @@ def _check_device(cfg: DictConfig, need) -> None:
 def _check_optim(cfg: DictConfig, need) -> None:
     import importlib.util
 
-    from soup.config.schema import OptimConfig
-
     optim, sched = cfg.optim, cfg.sched
     need(optim.lr > 0, f"optim.lr must be positive (got {optim.lr}).")
     need(optim.weight_decay >= 0, "optim.weight_decay must be >= 0.")
     need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
          "optim.betas must be two numbers in [0, 1).")
-    # The fields each optimizer reads besides lr, weight_decay and lr_groups (see soup/optim.py).
-    adam = ("betas", "eps")
-    galore = ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type")
-    reads = {"adamw": (*adam, "implementation"), "sgd": ("momentum", "nesterov"), "adamw_8bit": adam,
-             "paged_adamw": adam, "paged_adamw_8bit": adam, "lion": ("betas",), "lion_8bit": ("betas",),
-             "adafactor": (), "galore": (*adam, *galore), "schedule_free_adamw": adam}
-    defaults = OptimConfig()
-    for flag in ("betas", "eps", "momentum", "nesterov", "implementation", *galore):
-        if optim.name in reads and flag not in reads[optim.name]:
-            value = list(optim[flag]) if flag == "betas" else optim[flag]
-            need(value == getattr(defaults, flag),
-                 f"optim.{flag}={value} is not read by optim={optim.name} (it reads lr, weight_decay"
-                 f"{''.join(', ' + f for f in reads[optim.name])}); remove the override or pick another optim.")
     if optim.name == "sgd":
         need(not optim.nesterov or optim.momentum > 0, "optim.nesterov needs optim.momentum > 0.")
     need(optim.implementation in ("auto", "fused", "foreach", "for_loop"),
@@ -290,9 +282,6 @@ def _check_optim(cfg: DictConfig, need) -> None:
     need(0.0 <= sched.warmup_ratio < 1.0, "sched.warmup_ratio must be in [0, 1).")
     need(sched.warmup_steps >= 0, "sched.warmup_steps must be >= 0.")
     need(0.0 <= sched.min_lr_ratio <= 1.0, "sched.min_lr_ratio must be in [0, 1].")
-    if sched.name == "constant":
-        need(sched.min_lr_ratio == 0.0, "sched.min_lr_ratio has no effect with sched=constant; "
-                                        "use sched=linear or sched=cosine.")
     if cfg.tracker.name == "wandb":
         need(cfg.tracker.mode in ("offline", "online", "disabled"),
              "tracker.mode must be offline, online or disabled.")
@@ -300,9 +289,8 @@ def _check_optim(cfg: DictConfig, need) -> None:
 
 def _check_preference(cfg: DictConfig, need) -> None:
     # Imported here: the loss registry fills on import of the loss modules.
-    from soup.config.schema import PreferenceTaskConfig
     from soup.losses.registry import LOSSES
-    from soup.tasks.preference import LOSS_ALIASES, LOSS_PARAM_FIELDS, TASK_LOSS, UNPAIRED_TASKS
+    from soup.tasks.preference import LOSS_ALIASES, TASK_LOSS, UNPAIRED_TASKS
 
     task = cfg.task
     paired = sorted(name for name, spec in LOSSES.items() if spec.kind == "paired")
@@ -334,55 +322,28 @@ def _check_preference(cfg: DictConfig, need) -> None:
         for name in names:
             need(name in paired, f"task.preference_loss: {name!r} is not a paired preference loss; "
                                  f"valid: {', '.join(paired)} (aliases: {', '.join(LOSS_ALIASES)}).")
-    if task.name != "dpo":
-        need(task.loss_type == "sigmoid", f"task.loss_type is read by task=dpo only (this is task={task.name}); "
-                                          "use task=dpo, or task.preference_loss with task=preference.")
-    if task.name != "preference":
-        need(task.preference_loss is None and task.preference_loss_weights is None,
-             f"task.preference_loss(_weights) are read by task=preference only (this is task={task.name}).")
     specs = [LOSSES[n] for n in names if n in LOSSES]
     if len(specs) != len(names):
         return
 
-    # Nothing silently ignored: a loss parameter set away from its default must be read.
-    defaults = PreferenceTaskConfig()
-    read = {p for spec in specs for p in spec.params}
-    for field_name in LOSS_PARAM_FIELDS:
-        if field_name not in read and getattr(task, field_name) != getattr(defaults, field_name):
-            readers = sorted(n for n, spec in LOSSES.items() if field_name in spec.params)
-            need(False, f"task.{field_name}={getattr(task, field_name)} is not read by {', '.join(names)}; "
-                        f"losses that read it: {', '.join(readers)}.")
+    # Whether a loss parameter is read at all is the scope table's rule (soup/config/scope.py).
     needs_reference = any(spec.needs_reference for spec in specs)
     need(task.beta > 0, f"task.beta must be positive (got {task.beta}).")
     need(task.beta_schedule in BETA_SCHEDULES,
          f"task.beta_schedule={task.beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}.")
-    if task.beta_schedule == "constant":
-        need(task.beta_end is None, "task.beta_end needs a task.beta_schedule other than constant.")
-    else:
+    if task.beta_schedule != "constant":
         need(task.beta_end is not None and task.beta_end > 0,
              f"task.beta_schedule={task.beta_schedule} needs task.beta_end > 0 (the value beta reaches at the end).")
-        need("beta" in read, f"task.beta_schedule: {', '.join(names)} does not read beta.")
     need(task.reference in REFERENCES, f"task.reference={task.reference!r}; valid: {', '.join(REFERENCES)}.")
     need(task.precompute_with in ("auto", "copy", "adapter"), "task.precompute_with must be auto, copy or adapter.")
-    if task.precompute_with != "auto":
-        need(task.reference == "precomputed", "task.precompute_with applies to task.reference=precomputed only.")
-    if not needs_reference:
-        need(task.reference in ("auto", "none"),
-             f"{', '.join(names)} is reference-free; task.reference={task.reference} would never be used "
-             "(leave task.reference=auto).")
-    else:
+    if needs_reference:
         need(task.reference != "none", f"{', '.join(names)} needs a reference model; task.reference=none cannot work.")
     uses_adapter = task.reference == "adapter" or (task.reference == "precomputed" and task.precompute_with == "adapter")
     if uses_adapter:
         need(cfg.peft.name != "none", "task.reference=adapter disables the LoRA adapters to get the reference; "
                                       "it needs peft=lora (or use task.reference=copy).")
-    if task.ref_refresh_epochs:
-        need(task.ref_refresh_epochs > 0, "task.ref_refresh_epochs must be >= 0.")
-        copy_ref = task.reference == "copy" or (task.reference == "auto" and cfg.peft.name == "none" and needs_reference)
-        need(copy_ref, "task.ref_refresh_epochs copies the policy into a frozen reference copy: it needs "
-                       "task.reference=copy (a precomputed or adapter-disabled reference cannot be refreshed).")
+    need(task.ref_refresh_epochs >= 0, "task.ref_refresh_epochs must be >= 0.")
     if task.rpo_alpha is not None:
-        need(task.name in ("dpo", "preference"), "task.rpo_alpha adds an NLL term to a DPO variant (task=dpo).")
         need(task.rpo_alpha >= 0, "task.rpo_alpha must be >= 0.")
     need(task.name in UNPAIRED_TASKS or all(spec.kind == "paired" for spec in specs),
          "an unpaired loss needs task=kto or task=bco.")
@@ -393,47 +354,29 @@ def _check_preference(cfg: DictConfig, need) -> None:
              "task.sequence_layout=shared_prompt masks each completion from the other with a 4-D attention "
              "mask, which flash attention cannot take: use model.attn_implementation=sdpa (and not "
              "kernels=flash_attn), or task.sequence_layout=stacked (or auto).")
-    need(cfg.data.format == "auto", "data.format applies to sft/pretrain; preference rows are recognised by their "
-                                    "fields (prompt/chosen/rejected or prompt/completion/label).")
 
 
 def _check_memory(cfg: DictConfig, need) -> None:
     """Packing, kernels, checkpointing, offload, quantised and low-precision training."""
     import importlib.util
 
-    from soup.config.schema import QuantConfig
-
     data, kernels, quant, offload = cfg.data, cfg.kernels, cfg.quant, cfg.offload
     device = resolve_device(cfg.train.device) if cfg.train.device != "cuda" or torch.cuda.is_available() else None
-    token_task = cfg.task.name in ("sft", "pretrain")
 
     need(not (data.packing and data.multipack),
          "data.packing and data.multipack are two answers to padding waste; pick one.")
-    need(not data.packing_cross_doc_attn_mask or data.packing,
-         "data.packing_cross_doc_attn_mask needs data.packing=true (there are no documents to separate).")
-    need(data.multipack or (data.multipack_max_items_per_bin is None and data.multipack_max_mask_cells is None),
-         "data.multipack_max_items_per_bin / data.multipack_max_mask_cells need data.multipack=true.")
     need(data.multipack_layout in MULTIPACK_LAYOUTS,
          f"data.multipack_layout={data.multipack_layout!r}; valid: {', '.join(MULTIPACK_LAYOUTS)}.")
-    need(data.multipack or data.multipack_layout == "packed",
-         "data.multipack_layout is read by data.multipack=true only.")
     if data.multipack and data.multipack_layout == "packed":
         need(cfg.model.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
              "data.multipack_layout=packed keeps attention inside each example with a 4-D mask (sdpa, eager) "
              "or FlashAttention's varlen path: set model.attn_implementation to one of those, or use "
              "data.multipack_layout=padded.")
-    if not token_task:
-        need(not (data.packing or data.multipack),
-             f"data.packing / data.multipack apply to sft and pretrain; task={cfg.task.name} batches pairs.")
-        need(kernels.cut_ce == "off", f"kernels.cut_ce={kernels.cut_ce} applies to sft and pretrain; "
-                                      f"task={cfg.task.name} scores completions with sequence log-probs.")
     if data.packing_cross_doc_attn_mask and cfg.model.attn_implementation == "flash_attention_2":
         need(kernels.name in ("flash_attn", "none"), "cross-document masks with flash_attention_2 use its varlen path.")
 
     need(kernels.cut_ce in CUT_CE, f"kernels.cut_ce={kernels.cut_ce!r}; valid: {', '.join(CUT_CE)}.")
     need(kernels.ce_chunk_size > 0, "kernels.ce_chunk_size must be positive.")
-    if kernels.cut_ce != "chunked":
-        need(kernels.ce_chunk_size == 512, "kernels.ce_chunk_size is read by kernels.cut_ce=chunked only.")
     if kernels.cut_ce == "cce":
         need(importlib.util.find_spec("cut_cross_entropy") is not None,
              "kernels.cut_ce=cce needs the cut-cross-entropy package: pip install 'soup-harness[cce]' "
@@ -448,15 +391,8 @@ def _check_memory(cfg: DictConfig, need) -> None:
                                                       "set train.precision=bf16 (or fp16).")
 
     need(quant.fp8_recipe in FP8_RECIPES, f"quant.fp8_recipe={quant.fp8_recipe!r}; valid: {', '.join(FP8_RECIPES)}.")
-    if quant.name != "fp8":
-        need(quant.fp8_recipe == "tensorwise", "quant.fp8_recipe is read by quant=fp8 only.")
     if quant.name != "int8_qat":
         need(quant.qat_group_size == 32, "quant.qat_group_size is read by quant=int8_qat only.")
-    defaults = QuantConfig()
-    for field_name in ("quant_type", "double_quant", "compute_dtype", "quant_storage"):
-        if quant.name != "4bit":
-            need(quant[field_name] == getattr(defaults, field_name),
-                 f"quant.{field_name} is read by quant=4bit only (this is quant={quant.name}).")
     if quant.name in ("4bit", "8bit"):
         need(importlib.util.find_spec("bitsandbytes") is not None,
              f"quant={quant.name} needs bitsandbytes: pip install 'soup-harness[quant]'.")
@@ -486,8 +422,6 @@ def _check_memory(cfg: DictConfig, need) -> None:
     if offload.name == "cpu":
         need(on_cuda, "offload=cpu moves activations from GPU memory to host memory; on a CPU-only machine "
                       "there is nothing to offload to. Use offload=disk to cut peak RAM, or offload=none.")
-    need(offload.name == "disk" or offload.scratch_dir == "offload_scratch",
-         "offload.scratch_dir is read by offload=disk only.")
     if offload.name == "disk":
         need(not os.path.isabs(offload.scratch_dir) and ".." not in offload.scratch_dir.split("/"),
              f"offload.scratch_dir={offload.scratch_dir!r} must be a path inside the run directory "

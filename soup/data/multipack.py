@@ -36,6 +36,7 @@ from typing import Sequence
 import torch
 
 from soup.data.sampler import SamplerPosition
+from soup.errors import ConfigError
 
 # The construction parameters that fix the stream: a checkpoint must match them to resume.
 # rank is not among them: all ranks share one position, and rank 0's state is the one saved.
@@ -85,10 +86,10 @@ class MultipackBatchSampler:
             if n < 1:
                 raise ValueError(f"example {i} is empty ({n} tokens): multipack needs at least one token per example")
             if n > self.max_length:
-                raise ValueError(f"example {i} has {n} tokens > data.max_length={self.max_length}\n"
+                raise ConfigError(f"example {i} has {n} tokens > data.max_length={self.max_length}\n"
                                  "  fix: truncate it (data.overlong=truncate or drop) or raise data.max_length.")
             if self.max_mask_cells is not None and n * n > self.max_mask_cells:
-                raise ValueError(f"example {i} has {n} tokens: its attention mask alone needs {n}^2 = {n * n:,} cells "
+                raise ConfigError(f"example {i} has {n} tokens: its attention mask alone needs {n}^2 = {n * n:,} cells "
                                  f"> data.multipack_max_mask_cells={self.max_mask_cells:,}\n"
                                  "  fix: raise data.multipack_max_mask_cells or lower data.max_length.")
 
@@ -197,13 +198,13 @@ class MultipackBatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "multipack":
-            raise ValueError("the checkpoint's sampler was not a multipack sampler: resuming with "
+            raise ConfigError("the checkpoint's sampler was not a multipack sampler: resuming with "
                              "data.multipack=true would not continue the same data order\n"
                              "  fix: resume with the run's data.multipack flag.")
         mine = self._fingerprint()
         for key in RESUME_KEYS:
             if state[key] != mine[key]:
-                raise ValueError(
+                raise ConfigError(
                     f"the checkpoint's multipack sampler had {key}={state[key]!r}, this run has {mine[key]!r}: "
                     "resuming would not continue the same data order"
                 )

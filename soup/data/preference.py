@@ -98,6 +98,11 @@ def build_preference_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase,
     template = resolve_template(data_cfg.chat_template, tokenizer.chat_template) if uses_messages else None
     encoder = _Encoder(tokenizer, template, data_cfg)
     train, report = encoder.build(train_rows, shape, "train", str(train_value), seed)
+    if data_cfg.chat_template is not None and not uses_messages:
+        # A template renders message lists; plain-string prompts are used as they are.
+        raise ConfigError(f"data.chat_template is set, but the prompts of {train_value} are plain strings, which "
+                          "are used as written and never rendered with a template.\n"
+                          "  fix: drop data.chat_template, or give each prompt as a list of chat messages.")
     report.rows_read += held
     report.rows_held_out = held
     val = val_report = None

@@ -26,6 +26,14 @@ def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
 
 
+def load_kwargs(model_cfg: DictConfig) -> dict:
+    """The from_pretrained arguments every load of this model takes (plain or quantised)."""
+    kwargs = {"dtype": DTYPES[model_cfg.dtype], "attn_implementation": model_cfg.attn_implementation}
+    if model_cfg.name == "hf":
+        kwargs["trust_remote_code"] = model_cfg.trust_remote_code
+    return kwargs
+
+
 def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.name == "tiny":
@@ -53,12 +61,7 @@ def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
             )
         return model
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            model_cfg.path,
-            dtype=dtype,
-            attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        return AutoModelForCausalLM.from_pretrained(model_cfg.path, **load_kwargs(model_cfg))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model.path={model_cfg.path!r}: could not load a causal LM: {exc}\n"

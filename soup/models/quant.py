@@ -59,11 +59,14 @@ def _check_cpu_blocks(model) -> None:
                           "quant=8bit, or a CUDA device.")
 
 
-def quantize_built_model(model, quant_cfg: DictConfig, device: torch.device):
-    """Quantise a model that exists only in memory (model=tiny) by a save/load round trip."""
+def quantize_built_model(model, quant_cfg: DictConfig, device: torch.device, **kwargs):
+    """Quantise a model that exists only in memory (model=tiny) by a save/load round trip.
+
+    `kwargs` go to from_pretrained: the built model's attention implementation and dtype
+    are not in its saved config, so the caller passes them again."""
     with tempfile.TemporaryDirectory(prefix="soup-quant-") as scratch:
         model.save_pretrained(scratch)
-        return load_quantized(scratch, quant_cfg, device)
+        return load_quantized(scratch, quant_cfg, device, **kwargs)
 
 
 def prepare_for_adapters(model):

@@ -18,7 +18,7 @@ from soup.models.load import apply_peft, build_model
 from soup.models.tokenizer import build_byte_tokenizer
 from soup.optim import (BUILDERS, build_optimizer, build_scheduler, effective_optimizer, galore_parameters,
                         lr_multiplier, parameter_groups, prepare_for_eval, prepare_for_train)
-from tests.unit.config.test_compose import cpu_only, make, options
+from tests.unit.config.test_compose import check, cpu_only, make, options
 from tests.unit.models.test_adapters import peft_cfg
 
 # Paged optimizers need CUDA to page; on CPU bitsandbytes runs their unpaged code path
@@ -188,7 +188,7 @@ def test_misspelt_optimizer_is_rejected_listing_the_valid_ones():
 
 @pytest.mark.parametrize("name", [n for n in OPTIMIZERS if not n.startswith("paged_")])
 def test_every_cpu_optimizer_yaml_validates(name):
-    validate(make(f"optim={name}", *(["sched=constant"] if name == "schedule_free_adamw" else [])))
+    check(f"optim={name}", *(["sched=constant"] if name == "schedule_free_adamw" else []))
 
 
 @pytest.mark.parametrize(
@@ -209,7 +209,7 @@ def test_every_cpu_optimizer_yaml_validates(name):
 )
 def test_optimizer_rules_name_the_flag_and_the_fix(overrides, flag):
     with pytest.raises(ConfigError) as info:
-        validate(make(*overrides))
+        check(*overrides)
     assert flag in str(info.value)
 
 

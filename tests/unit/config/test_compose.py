@@ -23,6 +23,11 @@ def make(*overrides):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def check(*overrides):
+    """Compose and validate as `python -m soup.train <overrides>` would (the overrides count as set)."""
+    validate(make(*overrides), overrides)
+
+
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -96,7 +101,7 @@ def test_every_debug_and_experiment_preset_composes():
 def test_cross_group_rules_name_the_flag(overrides, flag):
     cfg = make(*overrides)
     with pytest.raises(ConfigError) as info:
-        validate(cfg)
+        validate(cfg, overrides)
     assert flag in str(info.value)
 
 

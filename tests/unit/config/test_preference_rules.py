@@ -6,7 +6,7 @@ from soup.config import validate
 from soup.config.validate import DPO_LOSS_TYPES
 from soup.errors import ConfigError
 from soup.losses.registry import LOSSES
-from tests.unit.config.test_compose import make
+from tests.unit.config.test_compose import check, make
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco")
 
@@ -14,7 +14,7 @@ PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco")
 def rejected(*overrides) -> str:
     """The ConfigError message validate() raises for the composed overrides."""
     with pytest.raises(ConfigError) as info:
-        validate(make(*overrides))
+        check(*overrides)
     return str(info.value)
 
 
@@ -23,7 +23,7 @@ def rejected(*overrides) -> str:
 
 @pytest.mark.parametrize("task", PREFERENCE_TASKS)
 def test_each_preference_task_yaml_validates_with_its_defaults(task):
-    validate(make(f"task={task}"))
+    check(f"task={task}")
 
 
 @pytest.mark.parametrize("overrides", [
@@ -42,7 +42,7 @@ def test_each_preference_task_yaml_validates_with_its_defaults(task):
     ["task=kto", "task.desirable_weight=1.33"],
 ])
 def test_sound_preference_configs_validate(overrides):
-    validate(make(*overrides))
+    check(*overrides)
 
 
 def test_every_dpo_loss_type_is_a_registered_paired_loss_and_validates():
@@ -86,7 +86,7 @@ def test_every_dpo_loss_type_is_a_registered_paired_loss_and_validates():
     (["task=dpo", "task.beta_schedule=linear"], ["task.beta_end"]),
     (["task=dpo", "task.beta_end=0.01"], ["task.beta_end", "constant"]),
     (["task=dpo", "task.beta_schedule=step", "task.beta_end=0.01"], ["task.beta_schedule='step'"]),
-    (["task=orpo", "task.beta_schedule=linear", "task.beta_end=0.01"], ["task.beta_schedule", "does not read beta"]),
+    (["task=orpo", "task.beta_schedule=linear", "task.beta_end=0.01"], ["task.beta_schedule", "task=orpo trains orpo", "a loss that takes beta"]),
     (["task=dpo", "task.beta=0"], ["task.beta"]),
     # reference
     (["task=dpo", "task.reference=adapter"], ["task.reference=adapter", "peft=lora"]),
@@ -110,7 +110,7 @@ def test_preference_rule_names_the_flag(overrides, flags):
 
 
 def test_reference_adapter_with_lora_is_accepted_but_without_it_names_both_flags():
-    validate(make("task=dpo", "peft=lora", "task.reference=adapter"))
+    check("task=dpo", "peft=lora", "task.reference=adapter")
     message = rejected("task=dpo", "task.reference=adapter")
     assert "task.reference=adapter" in message and "peft=lora" in message
 
@@ -125,7 +125,7 @@ def test_several_preference_problems_are_reported_together():
 
 @pytest.mark.parametrize("layout", ["auto", "shared_prompt", "stacked"])
 def test_each_sequence_layout_validates(layout):
-    validate(make("task=dpo", f"task.sequence_layout={layout}"))
+    check("task=dpo", f"task.sequence_layout={layout}")
 
 
 def test_an_unknown_sequence_layout_lists_the_valid_ones():
@@ -139,6 +139,6 @@ def test_shared_prompt_with_flash_attention_is_rejected_with_the_fix():
 
 
 def test_multipack_layout_needs_multipack_and_a_known_value():
-    validate(make("data.multipack=true", "data.multipack_layout=padded"))
+    check("data.multipack=true", "data.multipack_layout=padded")
     assert "data.multipack=true" in rejected("data.multipack_layout=padded")
     assert "valid: packed, padded" in rejected("data.multipack=true", "data.multipack_layout=rows")

@@ -32,10 +32,10 @@ def write_jsonl(tmp_path: Path):
 
 @pytest.fixture
 def data_config():
-    """data_config(**overrides) -> DataConfig for a file run (chat_template=chatml by default)."""
+    """data_config(**overrides) -> DataConfig for a file run (the tokenizer's own chat template)."""
 
     def make(**overrides: Any) -> DataConfig:
-        values: dict[str, Any] = dict(name="file", chat_template="chatml")
+        values: dict[str, Any] = dict(name="file")
         values.update(overrides)
         return DataConfig(**values)
 

@@ -10,6 +10,7 @@ from soup.config.schema import DataConfig
 from soup.data import build_datasets
 from soup.data.multipack import MultipackBatchSampler, naive_padding_efficiency
 from soup.data.sampler import ResumableBatchSampler
+from soup.errors import ConfigError
 from soup.models.tokenizer import load_tokenizer
 from tests.conftest import require_shared
 
@@ -136,11 +137,11 @@ def test_resume_mid_epoch_continues_the_uninterrupted_stream():
 def test_resume_refuses_a_different_stream():
     lengths = sft_like_lengths(100)
     state = MultipackBatchSampler(lengths, 4, 512, seed=0).state_dict()
-    with pytest.raises(ValueError, match="max_length=512"):
+    with pytest.raises(ConfigError, match="max_length=512"):
         MultipackBatchSampler(lengths, 4, 1024, seed=0).load_state_dict(state)
-    with pytest.raises(ValueError, match="lengths_sha256"):
+    with pytest.raises(ConfigError, match="lengths_sha256"):
         MultipackBatchSampler(lengths[:-1] + [lengths[-1] + 1], 4, 512, seed=0).load_state_dict(state)
-    with pytest.raises(ValueError, match="not a multipack sampler"):
+    with pytest.raises(ConfigError, match="not a multipack sampler"):
         MultipackBatchSampler(lengths, 4, 512, seed=0).load_state_dict(ResumableBatchSampler(100, 4, 0).state_dict())
 
 
@@ -150,12 +151,12 @@ def test_a_zero_cap_raises_instead_of_meaning_no_cap():
 
 
 def test_an_example_longer_than_max_length_raises_with_the_fix():
-    with pytest.raises(ValueError, match=r"(?s)example 2 has 600 tokens > data.max_length=512.*truncate"):
+    with pytest.raises(ConfigError, match=r"(?s)example 2 has 600 tokens > data.max_length=512.*truncate"):
         MultipackBatchSampler([10, 20, 600], 4, 512, seed=0)
 
 
 def test_an_example_whose_mask_alone_exceeds_the_cap_raises():
-    with pytest.raises(ValueError, match=r"example 1 has 400 tokens.*160,000 cells.*multipack_max_mask_cells"):
+    with pytest.raises(ConfigError, match=r"example 1 has 400 tokens.*160,000 cells.*multipack_max_mask_cells"):
         MultipackBatchSampler([10, 400], 4, 512, seed=0, max_mask_cells=100_000)
 
 

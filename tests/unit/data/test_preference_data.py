@@ -378,3 +378,12 @@ def test_truncate_or_drop_drops_only_a_pair_whose_completion_leaves_no_room(buil
     report = splits.report
     assert (report.rows_read, report.rows_used, report.rows_dropped) == (3, 2, 1)
     assert (report.prompts_truncated, report.completions_truncated) == (1, 0)  # the dropped pair is not counted
+
+
+def test_a_chat_template_for_plain_string_prompts_is_refused_naming_the_flag(build):
+    from soup.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.chat_template is set, but the prompts of .* are plain strings"):
+        build([pair("Hi ", "yes", "no")], chat_template="chatml")
+    assert build([{"prompt": user("Hi"), "chosen": assistant("yes"), "rejected": assistant("no")}],
+                 chat_template="chatml").chat_template is not None

@@ -13,7 +13,7 @@ from soup.models.load import apply_peft, build_model
 from soup.models.neftune import add_neftune, neftune_scale
 from soup.models.tokenizer import build_byte_tokenizer
 from soup.optim import build_optimizer
-from tests.unit.config.test_compose import make
+from tests.unit.config.test_compose import check, make
 
 
 def tiny_model():
@@ -113,10 +113,10 @@ def test_freezing_every_layer_is_refused():
 ])
 def test_peft_rules_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError) as info:
-        validate(make(*overrides))
+        check(*overrides)
     assert flag in str(info.value)
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "rslora", "vera", "olora", "pissa"])
 def test_each_cpu_variant_validates_with_its_defaults(variant):
-    validate(make(f"peft={variant}"))
+    check(f"peft={variant}")
