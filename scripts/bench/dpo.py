@@ -342,7 +342,7 @@ def soup_command(model: dict, data: dict, run_dir: Path, steps: int, precision: 
     command = [
         sys.executable, "-m", "soup.train", "model=hf", f"model.path={model['dir']}", "data=file",
         f"data.max_length={MAX_LENGTH}", "data.val_split=0", "train.grad_accum_steps=1", f"train.max_steps={steps}",
-        f"train.precision={precision}", "train.max_grad_norm=1.0", "train.eval_every_steps=0",
+        f"train.precision={precision}", "train.max_grad_norm=1.0",
         "train.save_every_steps=0", "train.log_every_steps=1", "train.progress_bar=false", "train.device=cpu",
         f"train.eval_batch_size={PAIRS_PER_BATCH}", f"optim.lr={LR}", "optim.weight_decay=0.0", "sched=constant",
         f"seed={SEED}", f"hydra.run.dir={run_dir}",

@@ -288,7 +288,7 @@ def soup_command(model_dir: Path, data_file: Path, run_dir: Path, steps: int, pr
         "data=file", f"data.train_file={data_file}", "data.format=alpaca", "data.chat_template=chatml",
         f"data.max_length={MAX_LENGTH}", "data.val_split=0",
         f"train.micro_batch_size={MICRO_BATCH}", "train.grad_accum_steps=1", f"train.max_steps={steps}",
-        f"train.precision={precision}", "train.max_grad_norm=1.0", "train.eval_every_steps=0",
+        f"train.precision={precision}", "train.max_grad_norm=1.0",
         "train.save_every_steps=0", "train.log_every_steps=1", "train.progress_bar=false", "train.device=cpu",
         f"optim.lr={LR}", "optim.weight_decay=0.0", "optim.implementation=fused", "sched=constant", f"seed={SEED}",
         f"hydra.run.dir={run_dir}", *packing,

@@ -148,7 +148,8 @@ class DataConfig:
 
 @dataclass
 class BackendConfig:
-    """The modelling library that runs forward/backward."""
+    """The modelling library that runs forward/backward: transformers, the only option
+    today. The group is the place a second library would go; it selects nothing else."""
 
     name: str = MISSING
 
@@ -212,7 +213,8 @@ class OffloadConfig:
 
 @dataclass
 class ParallelismConfig:
-    """How the model is spread over processes."""
+    """How the model is spread over processes: single (one process, one device) is the
+    only option until ddp / fsdp2 / deepspeed land."""
 
     name: str = MISSING
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def fails_with(*overrides, expect: list[str]):
-    proc = run_cli("debug=tiny", "train.eval_every_steps=0", "data.val_split=0", *overrides, check=False)
+    proc = run_cli("debug=tiny", "data.val_split=0", *overrides, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     for text in expect:
@@ -57,7 +57,7 @@ def test_row_with_zero_trainable_tokens_names_the_fix(tmp_path):
                expect=[f"{data}:2", "data.overlong=truncate_or_drop"])
     # The fix it names works: the row is dropped and counted, the good row trains.
     out = run_cli("data=file", f"data.train_file={data}", "data.max_length=64", "data.overlong=truncate_or_drop",
-                  "train.max_steps=1", "train.eval_every_steps=0", f"hydra.run.dir={tmp_path / 'fixed'}")
+                  "train.max_steps=1", f"hydra.run.dir={tmp_path / 'fixed'}")
     assert "nothing_to_train_after_truncation: 1" in out.stdout
 
 

@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-BASE = ["debug=tiny", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "train.eval_every_steps=0",
+BASE = ["debug=tiny", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
         "data.val_split=0"]
 
 
