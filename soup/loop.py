@@ -68,6 +68,9 @@ class StopFlag:
 def autocast_context(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        # "auto" must be resolved first (soup/train.py, soup/precision.py); fp16 must not be its fallback.
+        raise ValueError(f"autocast_context: precision {precision!r} is not fp32, bf16 or fp16")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from soup.errors import ConfigError, require
+from soup.precision import cpu_record
 
 TRACKER_NAMES = ("jsonl", "tensorboard", "wandb")
 
@@ -315,8 +316,9 @@ def write_run_record(run_dir: Path, config: dict, stats: dict, data_files: list[
 
     Enough to tell two runs apart months later: soup/python/package versions, the
     git commit of the soup source (and whether it had uncommitted edits), the
-    device, the command line, the resolved config, the caller's `stats` and a
-    sha256 of every data file. Written atomically so a reader never sees half a file.
+    device (with the CPU's torch capability and bf16 support), the command line,
+    the resolved config, the caller's `stats` and a sha256 of every data file.
+    Written atomically so a reader never sees half a file.
     """
     import soup
 
@@ -380,6 +382,9 @@ def git_state(directory: Path) -> dict | None:
 def _device_description() -> dict:
     description: dict[str, Any] = {
         "cpu": _cpu_model(),
+        # cpu_capability: torch's SIMD dispatch level; cpu_native_bf16 and cpu_bf16 (native | emulated |
+        # slow | unknown): whether bf16 pays off on this CPU, which decides train.precision=auto.
+        **cpu_record(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": None,

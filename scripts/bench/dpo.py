@@ -103,7 +103,9 @@ from sft import (  # noqa: E402  (scripts/bench is not a package)
     LoadSampler,
     busy_cpu_s,
     machine_info,
+    machine_line,
     process_cpu_s,
+    refuse_slow_bf16,
     soup_source,
     summarise,
     tail,
@@ -682,6 +684,7 @@ def main() -> None:
     if args.warmup_steps < 1:
         parser.error("--warmup-steps must be >= 1: a step's time starts at the end of the one before")
     steps = args.warmup_steps + args.measured_steps
+    refuse_slow_bf16(parser, "bf16" in args.precisions, "run with --precisions fp32")
 
     started = time.time()
     waited = wait_for_other_benchmarks(args.others_timeout)
@@ -732,6 +735,7 @@ def main() -> None:
     report = write_report(args, started, models, data, runs)
     print()
     print_table(report["table"])
+    print(machine_line(report["machine"]))
     print(f"wrote {args.out} ({report['total_wall_s'] / 60:.1f} min)")
 
 

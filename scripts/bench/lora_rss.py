@@ -99,10 +99,15 @@ def main() -> None:
         r = rows[variant]
         print(f"{variant:<5} saved for backward {r['saved_mb']:6.0f} MB | RSS growth {r['growth_mb']:5.0f} MB "
               f"(default malloc), {r['growth_mmap_mb']:5.0f} MB (MALLOC_MMAP_THRESHOLD_=65536)")
+    from soup.precision import cpu_record
+
+    machine = {"cpu_count": os.cpu_count(), **cpu_record()}
+    print(f"machine: {machine['cpu_count']} CPUs, torch CPU capability {machine['cpu_capability']}, "
+          f"native bf16 {'yes' if machine['cpu_native_bf16'] else 'no'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "lora_rss_cpu", "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                    "shape": SHAPE, "lora": LORA, "tokens": [8, 512], "steps": 3,
-                                    "rows": rows}, indent=2) + "\n")
+                                    "machine": machine, "shape": SHAPE, "lora": LORA, "tokens": [8, 512],
+                                    "steps": 3, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

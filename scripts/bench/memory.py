@@ -312,6 +312,9 @@ def main() -> None:
     steps = args.warmup_steps + args.measured_steps
     if steps * sft.MICRO_BATCH > 990:
         parser.error("keep (warmup + measured) * 8 rows within one epoch of the 998 rows")
+    bf16_runs = [f"{f} (--features)" for f in args.features if FEATURES[f][0] == "bf16"]
+    bf16_runs += [] if args.no_trl else ["the TRL rows (--no-trl)"]
+    sft.refuse_slow_bf16(parser, bool(bf16_runs), f"leave out the bf16 runs: {', '.join(bf16_runs)}")
 
     started = time.time()
     scratch = args.scratch.resolve()
@@ -354,6 +357,7 @@ def main() -> None:
     found = goals(table)
     print()
     print_table(table)
+    print(sft.machine_line(sft.machine_info()))
     print()
     for run in kept.values():
         for line in run.get("efficiency_lines", []):

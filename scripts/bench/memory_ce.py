@@ -166,9 +166,13 @@ def main() -> None:
     ratios = {row["variant"]: plain["peak_mb"] / row["peak_mb"] for row in rows[1:]}
     loss_rel_diff = {row["variant"]: abs(row["loss"] - plain["loss"]) / abs(plain["loss"]) for row in rows[1:]}
     goal_variant = rows[1]["variant"]
+    from soup.precision import cpu_record
+
+    cpu = cpu_record()  # a bf16 step time means little without the CPU's bf16 support
     print()
     print(f"tokens={args.tokens} vocab={args.vocab} hidden_size={args.hidden_size} dtype={args.dtype} "
-          f"threads={args.threads}; fp32 logits alone: {plain['logits_fp32_mb']:.0f} MB")
+          f"threads={args.threads}; fp32 logits alone: {plain['logits_fp32_mb']:.0f} MB; torch CPU capability "
+          f"{cpu['cpu_capability']}, native bf16 {'yes' if cpu['cpu_native_bf16'] else 'no'}")
     print_table(rows, plain["peak_mb"])
     met = ratios[goal_variant] >= GOAL_RATIO
     print(f"goal: plain / {goal_variant} peak >= {GOAL_RATIO:.0f}x: {ratios[goal_variant]:.1f}x "
@@ -180,7 +184,7 @@ def main() -> None:
         "benchmark": "memory_ce",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [sys.executable, *sys.argv],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, **cpu},
         "settings": {"tokens": args.tokens, "vocab": args.vocab, "hidden_size": args.hidden_size, "dtype": args.dtype,
                      "chunk_sizes": args.chunk_sizes, "repeats": args.repeats, "threads": args.threads,
                      "peak": "VmHWM - VmRSS before the step, fresh process per variant, MALLOC_MMAP_THRESHOLD_=65536",

@@ -253,6 +253,7 @@ def main() -> None:
     print()
     print_table(table)
     machine = sft.machine_info()
+    print(sft.machine_line(machine))
     for package in ("peft", "bitsandbytes"):
         machine["versions"][package] = importlib.metadata.version(package)
     report = {

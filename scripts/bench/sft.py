@@ -440,6 +440,8 @@ def soup_source() -> dict:
 def machine_info() -> dict:
     import torch
 
+    from soup.precision import cpu_record
+
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -452,9 +454,27 @@ def machine_info() -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    # cpu_capability (torch's SIMD level) and cpu_native_bf16 / cpu_bf16: what a bf16 row means here.
+    return {"cpu": cpu, **cpu_record(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def machine_line(machine: dict) -> str:
+    """The machine under a printed table: a bf16 figure means little without the CPU's bf16 support."""
+    return (f"machine: {machine['cpu']}, {machine['cpu_count']} CPUs, torch CPU capability "
+            f"{machine['cpu_capability']}, native bf16 {'yes' if machine['cpu_native_bf16'] else 'no'} "
+            f"(bf16 path: {machine['cpu_bf16']})")
+
+
+def refuse_slow_bf16(parser: argparse.ArgumentParser, wants_bf16: bool, fix: str) -> None:
+    """bf16 rows on a CPU without a fast bf16 path would time torch's fallback kernel (~100x slower than
+    fp32), and soup refuses train.precision=bf16 there: stop before any run, naming `fix`."""
+    from soup.precision import slow_cpu_bf16_error
+
+    if wants_bf16 and slow_cpu_bf16_error() is not None:
+        parser.error(f"this CPU has no fast bf16 path (soup/precision.py), so bf16 rows would time a "
+                     f"fallback kernel ~100x slower than fp32: {fix} (or set SOUP_ALLOW_SLOW_BF16=1)")
 
 
 def best_runs(runs: list[dict]) -> list[dict]:
@@ -579,6 +599,7 @@ def main() -> None:
     steps = args.warmup_steps + args.measured_steps
     if steps * MICRO_BATCH > 990:
         parser.error("keep (warmup + measured) * 8 rows within one epoch of the 998 rows")
+    refuse_slow_bf16(parser, "bf16" in args.precisions, "run with --precisions fp32")
 
     started = time.time()
     scratch = args.scratch.resolve()
@@ -620,6 +641,7 @@ def main() -> None:
     report = write_report(args, started, model, data, runs)
     print()
     print_table(report["table"])
+    print(machine_line(report["machine"]))
     print(f"wrote {args.out} ({report['total_wall_s'] / 60:.1f} min)")
 
 

@@ -1,6 +1,7 @@
 """The CLI end to end, as a user runs it."""
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def test_default_run_trains_offline_and_writes_the_run_directory(tmp_path):
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["stats"]["status"] == "finished" and record["stats"]["trained_tokens_per_s"] > 0
     assert record["packages"]["torch"] and record["data_files"][0]["sha256"]
+    assert record["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["stats"]["precision"] == {"requested": "fp32", "resolved": "fp32"}
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / ".hydra" / "config.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-100", "step-150"]
@@ -40,6 +43,29 @@ def test_default_run_trains_offline_and_writes_the_run_directory(tmp_path):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     assert model(ids).logits.shape[-1] == len(tokenizer)
+
+
+def test_precision_auto_is_resolved_once_logged_and_recorded(tmp_path):
+    from soup.precision import resolve_precision
+
+    proc = run_cli("debug=tiny", "train.device=cpu", "train.precision=auto", f"hydra.run.dir={tmp_path}")
+    resolved = resolve_precision("auto", torch.device("cpu"))  # this machine, as the run saw it
+    assert f"[soup] precision: auto -> {resolved} (CPU {torch.backends.cpu.get_cpu_capability()} " in proc.stdout
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["stats"]["precision"] == {"requested": "auto", "resolved": resolved}
+    assert record["config"]["train"]["precision"] == resolved  # every reader after the resolution saw this
+    assert record["device"]["cpu_native_bf16"] == (resolved == "bf16")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ONEDNN_MAX_CPU_ISA names x86 ISAs")
+def test_bf16_on_a_cpu_without_a_fast_bf16_path_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    # oneDNN held to AVX2 runs bf16 as an AVX2-only CPU does: torch's fallback kernel, ~100x slower than fp32.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("SOUP_ALLOW_SLOW_BF16", raising=False)
+    proc = run_cli("debug=tiny", "train.device=cpu", "train.precision=bf16", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.precision=auto" in proc.stderr and "100x slower" in proc.stderr
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_pretrain_task_runs_on_the_demo_documents(tmp_path):

@@ -258,6 +258,10 @@ def test_run_record_holds_versions_git_config_stats_and_data_hashes(tmp_path):
     assert set(record["packages"]) >= {"transformers", "peft", "hydra-core", "numpy"}
     assert "git" in record  # None until the repo has a commit; see the git_state tests
     assert record["device"]["torch_threads"] == torch.get_num_threads()
+    # What decides whether bf16 pays off here (soup/precision.py), so a bf16 figure can be read later.
+    assert record["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["device"]["cpu_bf16"] in ("native", "emulated", "slow", "unknown")
+    assert record["device"]["cpu_native_bf16"] == (record["device"]["cpu_bf16"] == "native")
     assert record["hostname"] and isinstance(record["command"], list)
     assert record["config"] == config
     assert record["stats"]["trained_tokens"] == 1024
