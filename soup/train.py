@@ -35,6 +35,7 @@ from soup.models.adapters import save_final_adapter, save_initial_adapter
 from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
+from soup.precision import describe_precision, resolve_precision
 from soup.tasks import PreferenceTask, build_task
 from soup.tasks.preference import preference_collate, resolve_sequence_layout
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
@@ -123,6 +124,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     validate(cfg, overrides)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
+    # Resolved once, before anything reads it: every later reader sees fp32, bf16 or fp16, never auto.
+    requested_precision = cfg.train.precision
+    cfg.train.precision = resolve_precision(requested_precision, device)
+    print(f"[soup] precision: {describe_precision(requested_precision, cfg.train.precision, device)}")
 
     tokenizer = build_tokenizer(cfg.model)
     task = build_task(cfg.task, cfg.kernels)
@@ -199,7 +204,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     if not result.interrupted:
         final_dir = run_dir / "final"
         stop_on_end_of_turn(model, tokenizer)
-        if cfg.peft.name == "none":
+        if cfg.quant.name == "int8_qat":  # final/ holds the converted quantised model QAT trained for
+            from soup.memory.fp8 import save_qat_final
+
+            print(f"[soup] {save_qat_final(model, final_dir)}")
+        elif cfg.peft.name == "none":
             model.save_pretrained(final_dir)
         else:
             save_final_adapter(model, cfg.peft.name, final_dir, run_dir / "initial_adapter",
@@ -217,6 +226,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         "final_train_loss": result.last_train_loss,
         "final_eval_loss": result.last_eval_loss,
         "parameters": total,
+        "precision": {"requested": requested_precision, "resolved": cfg.train.precision},
         "trainable_parameters": trainable,
         "data": {"train": asdict(splits.report), "val": asdict(splits.val_report) if splits.val_report else None},
     }

@@ -162,7 +162,8 @@ class QuantConfig:
     is QLoRA, arXiv 2305.14314).
     fp8: torchao float8 training of the linear layers (CUDA compute capability >= 8.9;
     emulated on CPU for testing). int8_qat: quantisation-aware training with torchao
-    fake quantisation.
+    fake quantisation (int8 activations, int8 or int4 weights); final/ holds the converted
+    quantised model.
     """
 
     name: str = MISSING
@@ -170,6 +171,8 @@ class QuantConfig:
     fp8_recipe: str = "tensorwise"
     # int8_qat: weight quantisation group size.
     qat_group_size: int = 32
+    # int8_qat: bits of the fake-quantised (and, in final/, converted) weights: 8 | 4 (torchao's 8da4w).
+    qat_weight_bits: int = 8
     # 4bit: nf4 | fp4, nested (double) quantisation of the scales, the dtype matmuls run in,
     # and the storage dtype of packed weights (uint8, or e.g. bfloat16 for FSDP).
     quant_type: str = "nf4"
@@ -317,7 +320,8 @@ class TrainConfig:
     # default for the other (the demo data sets max_steps=150). Both set is an error.
     max_steps: Optional[int] = None
     epochs: Optional[int] = None
-    # fp32 | bf16 (autocast, CPU and CUDA) | fp16 (autocast + grad scaler, CUDA only)
+    # fp32 | bf16 (autocast, CPU and CUDA; refused on a CPU without a fast bf16 path) | fp16 (autocast
+    # + grad scaler, CUDA only) | auto (bf16 where the GPU or CPU has native bf16, else fp32; soup/precision.py)
     precision: str = "fp32"
     max_grad_norm: float = 1.0
     # Evaluate on the validation data every N steps (0: only at the end). Evaluation follows

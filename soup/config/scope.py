@@ -149,6 +149,7 @@ def _build_scopes() -> dict[str, Scope]:
         # quant
         "quant.fp8_recipe": choice("quant.name", "fp8"),
         "quant.qat_group_size": choice("quant.name", "int8_qat"),
+        "quant.qat_weight_bits": choice("quant.name", "int8_qat"),
         **{f"quant.{f}": choice("quant.name", "4bit")
            for f in ("quant_type", "double_quant", "compute_dtype", "quant_storage")},
         # kernels

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soup.config.scope import command_line_fields, has_val_data, unknown_keys, unread_fields
 from soup.errors import ConfigError
+from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TASKS = ("sft", "pretrain", *PREFERENCE_TASKS)
@@ -39,7 +40,7 @@ OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "
               "galore", "schedule_free_adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("jsonl", "tensorboard", "wandb")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: soup/precision.py
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
@@ -234,7 +235,10 @@ def _check_device(cfg: DictConfig, need) -> None:
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and cuda)
     if cfg.train.precision == "fp16":
         need(on_cuda, "train.precision=fp16 needs a CUDA GPU (its grad scaler exists for GPU "
-                      "fp16); on CPU use train.precision=bf16.")
+                      "fp16); on CPU use train.precision=auto (bf16 where the CPU has native bf16).")
+    if cfg.train.precision == "bf16" and not on_cuda:
+        slow_bf16 = slow_cpu_bf16_error()  # None unless this CPU runs bf16 ~100x slower than fp32
+        need(slow_bf16 is None, slow_bf16)
     if cfg.model.attn_implementation == "flash_attention_2":
         need(on_cuda, "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the "
                       "flash-attn package; on CPU use sdpa.")
@@ -387,12 +391,12 @@ def _check_memory(cfg: DictConfig, need) -> None:
         ok, reason = kernels_support(kernels.name, device)
         need(ok, f"kernels={kernels.name}: {reason}")
     if kernels.name == "flash_attn":
-        need(cfg.train.precision in ("bf16", "fp16"), "kernels=flash_attn runs in half precision only: "
-                                                      "set train.precision=bf16 (or fp16).")
+        # auto is bf16 there: flash_attn needs compute capability >= 8, which has native bf16.
+        need(cfg.train.precision in ("bf16", "fp16", "auto"),
+             "kernels=flash_attn runs in half precision only: set train.precision=bf16 (or fp16, or auto).")
 
     need(quant.fp8_recipe in FP8_RECIPES, f"quant.fp8_recipe={quant.fp8_recipe!r}; valid: {', '.join(FP8_RECIPES)}.")
-    if quant.name != "int8_qat":
-        need(quant.qat_group_size == 32, "quant.qat_group_size is read by quant=int8_qat only.")
+    need(quant.qat_weight_bits in (8, 4), f"quant.qat_weight_bits={quant.qat_weight_bits}; valid: 8, 4.")
     if quant.name in ("4bit", "8bit"):
         need(importlib.util.find_spec("bitsandbytes") is not None,
              f"quant={quant.name} needs bitsandbytes: pip install 'soup-harness[quant]'.")

@@ -20,18 +20,21 @@ in/out features are both divisible by 16 (the float8 GEMM's layout constraint).
 
 int8_qat (quant=int8_qat): quantisation-aware training (Jacob et al. 2018,
 https://arxiv.org/abs/1712.05877). Each eligible linear is swapped for torchao's
-FakeQuantizedLinear: int8 dynamic per-token asymmetric activations and intN symmetric
-weights in groups of `group_size` input features (int4 by default: torchao's "8da4w",
-the scheme its Llama QAT recipe targets). Forward rounds to the quantised grid and
-back; backward passes the gradient straight through (straight-through estimator), so
-the weights learn to sit where rounding costs little. `convert_qat` afterwards swaps
-in real quantised weights with the same numerics. Eligible: an nn.Linear that is not
-the LM head, with in_features divisible by `group_size`.
+FakeQuantizedLinear: int8 dynamic per-token asymmetric activations and int8 symmetric
+weights in groups of `group_size` input features ("8da8w"; quant.qat_weight_bits=4
+gives torchao's "8da4w", the scheme its Llama QAT recipe targets). Forward rounds to the
+quantised grid and back; backward passes the gradient straight through (straight-through
+estimator), so the weights learn to sit where rounding costs little. Evaluation during
+training sees this fake-quantised model. At the end, `save_qat_final` runs `convert_qat`,
+which swaps in real quantised weights with the same numerics (a test pins them equal),
+and saves that converted model as final/. Eligible: an nn.Linear that is not the LM
+head, with in_features divisible by `group_size`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -141,13 +144,14 @@ def _qat_base_config(weight_bits: int, group_size: int):
         weight_dtype=weight_dtype, weight_granularity=quantization.PerGroup(group_size))
 
 
-def apply_int8_qat(model: nn.Module, group_size: int = 32, weight_bits: int = 4) -> str:
+def apply_int8_qat(model: nn.Module, group_size: int = 32, weight_bits: int = 8) -> str:
     """Swap the eligible linear layers of `model` (in place) for fake-quantised ones.
 
     group_size: input features sharing one weight scale (a divisor of in_features;
-    32-256 typical, smaller is more accurate). weight_bits: 4 (default, torchao's 8da4w)
-    or 8. Activations are always int8, dynamic per token. The parameters stay the same
-    objects; call before torch.compile and before the optimizer is built.
+    32-256 typical, smaller is more accurate). weight_bits: 8 (default, int8 weights)
+    or 4 (torchao's 8da4w). Activations are always int8, dynamic per token. The
+    parameters stay the same objects; call before torch.compile and before the
+    optimizer is built.
     Returns a one-line summary for the run log.
     """
     if weight_bits not in QAT_WEIGHT_BITS:
@@ -187,6 +191,16 @@ def convert_qat(model: nn.Module) -> str:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 
+    n_fake, weight_bits, group_size = _qat_scheme(model)
+    base_config = _qat_base_config(weight_bits, group_size)
+    quantize_(model, QATConfig(base_config, step="convert"), filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    return f"int8_qat: converted {n_fake} fake-quantised linear layers to int{weight_bits} weights (group {group_size})"
+
+
+def _qat_scheme(model: nn.Module) -> tuple[int, int, int]:
+    """(fake-quantised layers, weight bits, group size) of a model apply_int8_qat prepared."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
     fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
     if not fake:
         raise ConfigError("convert_qat: the model has no fake-quantised layers; apply_int8_qat first.")
@@ -195,7 +209,47 @@ def convert_qat(model: nn.Module) -> str:
     if len(schemes) != 1:
         raise ValueError(f"convert_qat: layers were prepared with different weight schemes {sorted(map(str, schemes))}.")
     ((weight_dtype, group_size),) = schemes
-    weight_bits = {torch.int4: 4, torch.int8: 8}[weight_dtype]
-    base_config = _qat_base_config(weight_bits, group_size)
-    quantize_(model, QATConfig(base_config, step="convert"), filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
-    return f"int8_qat: converted {len(fake)} fake-quantised linear layers to int{weight_bits} weights (group {group_size})"
+    return len(fake), {torch.int4: 4, torch.int8: 8}[weight_dtype], group_size
+
+
+QAT_LOAD_CODE = """from transformers import AutoModelForCausalLM, AutoTokenizer  # needs torchao installed
+final_dir = "{final_dir}"  # this folder
+model = AutoModelForCausalLM.from_pretrained(final_dir)
+tokenizer = AutoTokenizer.from_pretrained(final_dir)"""
+
+
+def save_qat_final(model: nn.Module, final_dir: str | Path) -> str:
+    """End of a QAT run: convert `model` in place (convert_qat) and save it to `final_dir`.
+
+    The converted linears hold torchao tensor subclasses, which plain safetensors cannot
+    store. transformers' torchao integration can: with the PTQ config the fake
+    quantisation mimicked recorded as the model's quantization_config (and the matching
+    TorchAoHfQuantizer attached, as from_pretrained attaches it when it quantises),
+    save_pretrained splits each torchao tensor into plain tensors plus metadata in
+    model.safetensors and writes the config into config.json. from_pretrained rebuilds the
+    same tensor subclasses from them: the model loads already quantised (QAT_LOAD_CODE),
+    with outputs equal to the converted model's. Also writes final_dir/README.md with that
+    code. Returns the run-log line.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from transformers import TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    _, weight_bits, group_size = _qat_scheme(model)
+    converted = convert_qat(model)
+    # Every linear left a plain nn.Linear (the LM head, in_features not divisible by the
+    # group size) is named, so the saved config says what stayed in high precision.
+    kept = [name for name, m in _linear_layers(model) if not isinstance(m.weight, IntxUnpackedToInt8Tensor)]
+    quantization_config = TorchAoConfig(quant_type=_qat_base_config(weight_bits, group_size),
+                                        modules_to_not_convert=kept)
+    model.config.quantization_config = quantization_config
+    model.hf_quantizer = TorchAoHfQuantizer(quantization_config)
+    model.save_pretrained(final_dir)
+    load_code = QAT_LOAD_CODE.format(final_dir=Path(final_dir).resolve())
+    (Path(final_dir) / "README.md").write_text(
+        f"# Converted QAT model (quant=int8_qat)\n\n"
+        f"The linear layers hold torchao int{weight_bits} weights in groups of {group_size} input features and "
+        f"quantise their inputs to int8 per token at run time: the model quantisation-aware training targeted, "
+        f"computing what the fake-quantised model computed during training. High precision: "
+        f"{', '.join(kept) or 'none'}.\n\nLoad it with:\n\n```python\n{load_code}\n```\n")
+    return f"{converted}; final/ loads with transformers' from_pretrained + torchao (see final/README.md)"

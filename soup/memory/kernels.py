@@ -3,9 +3,9 @@
     none        the model's stock PyTorch modules.
     liger       Liger Kernel's Triton RMSNorm, SwiGLU MLP and RoPE patched into the
                 model instance (Hsu et al. 2024, https://arxiv.org/abs/2410.10989).
-                Its fused linear cross-entropy belongs to the loss, not the model:
-                `liger_fused_linear_cross_entropy_available` tells the loss side.
-                CUDA + triton + liger-kernel.
+                Liger's cross-entropy and fused linear cross-entropy are left off:
+                the loss side is `kernels.cut_ce` (chunked, our own; or cce), which
+                works with any of these options. CUDA + triton + liger-kernel.
     flash_attn  attention through FlashAttention 2 (Dao 2023,
                 https://arxiv.org/abs/2307.08691) via transformers'
                 attn_implementation="flash_attention_2". CUDA (compute capability
@@ -101,11 +101,6 @@ def kernels_support(name: str, device: torch.device) -> tuple[bool, str]:
                            "(or use kernels=none: SDPA already uses a flash kernel where it can).")
         return True, ""
     return False, f"unknown kernels {name!r}; valid: {', '.join(KERNELS)}."
-
-
-def liger_fused_linear_cross_entropy_available() -> bool:
-    """Whether Liger's fused linear cross-entropy (the loss owning the LM head) can run here."""
-    return torch.cuda.is_available() and _installed("triton") and _installed("liger_kernel")
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

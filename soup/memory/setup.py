@@ -42,7 +42,7 @@ def apply_memory_features(model: torch.nn.Module, cfg: DictConfig, run_dir: Path
     elif cfg.quant.name == "int8_qat":
         from soup.memory.fp8 import apply_int8_qat
 
-        features.lines.append(apply_int8_qat(model, cfg.quant.qat_group_size))
+        features.lines.append(apply_int8_qat(model, cfg.quant.qat_group_size, cfg.quant.qat_weight_bits))
 
     if cfg.checkpointing.name != "none":
         from soup.memory.checkpointing import apply_checkpointing

@@ -56,6 +56,35 @@ def test_low_precision_training_is_live(baseline, tmp_path, quant):
     assert abs(losses(run_dir)[-1] - losses(baseline)[-1]) < 0.2
 
 
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_int8_qat_leaves_a_converted_final_that_loads_quantised(tmp_path, weight_bits):
+    pytest.importorskip("torchao")
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from transformers import AutoModelForCausalLM
+
+    run_dir, out = train(tmp_path, "qat", "quant=int8_qat", f"quant.qat_weight_bits={weight_bits}",
+                         "train.max_steps=2")
+    assert f"converted 14 fake-quantised linear layers to int{weight_bits} weights" in out
+    assert (run_dir / "final" / "README.md").exists()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert isinstance(weight, IntxUnpackedToInt8Tensor)
+    # int8 storage either way; int4 weights use only [-8, 7] of it.
+    assert (int(weight.qdata.abs().max()) <= 8) == (weight_bits == 4)
+    ids = torch.arange(5, 29).reshape(2, 12)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["quant=int8_qat", "quant.qat_weight_bits=3"], "quant.qat_weight_bits=3; valid: 8, 4"),
+    (["quant.qat_weight_bits=4"], "quant.qat_weight_bits"),
+])
+def test_qat_weight_bits_is_checked_at_config_load(tmp_path, overrides, expect):
+    proc = run_cli(*BASE, *overrides, f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and expect in proc.stderr
+
+
 def test_cpu_offload_is_rejected_on_a_cpu_machine(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the rule is for machines without CUDA")

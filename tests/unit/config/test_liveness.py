@@ -111,6 +111,7 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "quant.name": ([*WIDE, *LORA], ["quant=8bit"]),
     "quant.fp8_recipe": (["quant=fp8"], ["quant.fp8_recipe=rowwise"]),
     "quant.qat_group_size": (["quant=int8_qat"], ["quant.qat_group_size=16"]),
+    "quant.qat_weight_bits": (["quant=int8_qat"], ["quant.qat_weight_bits=4"]),
     "quant.quant_type": ([*WIDE, *LORA, "quant=4bit"], ["quant.quant_type=fp4"]),
     "quant.double_quant": ([*WIDE, *LORA, "quant=4bit"], ["quant.double_quant=false"]),
     "quant.compute_dtype": ([*WIDE, *LORA, "quant=4bit"], ["quant.compute_dtype=bfloat16"]),

@@ -1,6 +1,8 @@
-"""fp8 (emulated on CPU) and int8 QAT: the right layers converted, the numerics live but close, training steps."""
+"""fp8 (emulated on CPU) and int8 QAT: the right layers converted, the numerics live but close, training steps;
+QAT's converted model computes what the fake-quantised one did, and final/ loads back into it."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,11 +12,14 @@ from torch import nn
 pytest.importorskip("torchao")
 
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+from torchao.quantization import IntxUnpackedToInt8Tensor  # noqa: E402
 from torchao.quantization.qat import FakeQuantizedLinear  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from soup.config.schema import ModelConfig  # noqa: E402
 from soup.errors import ConfigError  # noqa: E402
-from soup.memory.fp8 import FP8_RECIPES, apply_fp8, apply_int8_qat, convert_qat, fp8_eligible, fp8_support  # noqa: E402
+from soup.memory.fp8 import (FP8_RECIPES, apply_fp8, apply_int8_qat, convert_qat, fp8_eligible,  # noqa: E402
+                              fp8_support, save_qat_final)
 from soup.models.load import build_model  # noqa: E402
 from soup.models.tokenizer import build_byte_tokenizer  # noqa: E402
 
@@ -24,9 +29,9 @@ CPU = torch.device("cpu")
 LINEARS_PER_BLOCK = 7
 
 
-def tiny_llama(num_layers=2):
+def tiny_llama(num_layers=2, intermediate_size=64):
     cfg = OmegaConf.structured(ModelConfig)
-    cfg.merge_with({"name": "tiny", "tiny": {"hidden_size": 32, "intermediate_size": 64,
+    cfg.merge_with({"name": "tiny", "tiny": {"hidden_size": 32, "intermediate_size": intermediate_size,
                                              "num_hidden_layers": num_layers, "num_attention_heads": 2,
                                              "num_key_value_heads": 1}})
     return build_model(cfg, build_byte_tokenizer(), seed=0)
@@ -144,7 +149,7 @@ def test_fp8_rejects_an_unknown_recipe():
 # --- int8 QAT ----------------------------------------------------------------------------
 
 
-def test_qat_fake_quantises_block_linears_with_int8_activations_and_int4_groups():
+def test_qat_fake_quantises_block_linears_with_int8_activations_and_int8_weight_groups_by_default():
     model = tiny_llama()
     line = apply_int8_qat(model, group_size=32)
     fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
@@ -152,9 +157,44 @@ def test_qat_fake_quantises_block_linears_with_int8_activations_and_int4_groups(
     assert not isinstance(model.lm_head, FakeQuantizedLinear)
     layer = model.model.layers[0].mlp.up_proj
     assert layer.activation_fake_quantizer.config.dtype == torch.int8
-    assert layer.weight_fake_quantizer.config.dtype == torch.int4
+    assert layer.weight_fake_quantizer.config.dtype == torch.int8
     assert layer.weight_fake_quantizer.config.granularity.group_size == 32
-    assert "14 linear layers fake-quantised" in line
+    assert "14 linear layers fake-quantised" in line and "int8 weights" in line
+
+
+@pytest.mark.parametrize("weight_bits, levels", [(8, 256), (4, 16)])
+def test_qat_weight_bits_sets_the_grid_each_weight_group_is_rounded_to(weight_bits, levels):
+    # Symmetric intN weights in groups of 32 input features: after fake quantisation a
+    # group holds at most 2**N distinct values. Random fp32 weights hold 32 distinct
+    # values per group, so int4 (16 levels) must merge some, while int8 keeps more than
+    # any 4-bit grid could.
+    model = tiny_llama()
+    w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    apply_int8_qat(model, group_size=32, weight_bits=weight_bits)
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        fq = layer.weight_fake_quantizer(layer.weight)
+    distinct = [len(torch.unique(group)) for group in fq.reshape(-1, 32)]
+    assert max(distinct) <= levels
+    if weight_bits == 4:
+        assert max(distinct) < 32
+    else:
+        assert max(distinct) > 16
+    # Rounding to the group's grid moves a weight by at most half a step, step = absmax / (2**(N-1) - 0.5).
+    step = w.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / (2 ** (weight_bits - 1) - 0.5)
+    assert ((fq - w).reshape(-1, 32).abs() <= step / 2 + 1e-7).all()
+
+
+def test_qat_weight_bits_changes_the_forward_and_int8_stays_closer_to_full_precision():
+    reference = tiny_llama()
+    int8, int4 = copy.deepcopy(reference), copy.deepcopy(reference)
+    apply_int8_qat(int8, group_size=32, weight_bits=8)
+    apply_int8_qat(int4, group_size=32, weight_bits=4)
+    b = batch()
+    with torch.no_grad():
+        plain, out8, out4 = (m(**b, use_cache=False).logits for m in (reference, int8, int4))
+    assert not torch.equal(out8, out4)
+    assert (out8 - plain).abs().max() < (out4 - plain).abs().max()
 
 
 @pytest.mark.parametrize("weight_bits", [4, 8])
@@ -170,17 +210,55 @@ def test_qat_outputs_are_live_but_close_and_a_step_trains(weight_bits):
     assert sgd_step_changes_weights(model, b)
 
 
-def test_convert_after_qat_keeps_the_fake_quantised_numerics():
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_convert_after_qat_keeps_the_fake_quantised_numerics(weight_bits):
     model = tiny_llama()
-    apply_int8_qat(model, group_size=32)
+    apply_int8_qat(model, group_size=32, weight_bits=weight_bits)
     b = batch()
     with torch.no_grad():
         fake = model(**b, use_cache=False).logits
         line = convert_qat(model)
         real = model(**b, use_cache=False).logits
     assert not any(isinstance(m, FakeQuantizedLinear) for m in model.modules())
-    assert "converted 14" in line
-    torch.testing.assert_close(real, fake, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, IntxUnpackedToInt8Tensor)
+    assert f"converted 14 fake-quantised linear layers to int{weight_bits}" in line
+    # The converted layer dequantises the same integers with the same scales and runs the
+    # same fp32 matmul on the same fake-quantised activations: equal up to float rounding.
+    torch.testing.assert_close(real, fake, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_saved_qat_final_loads_back_quantised_with_the_same_outputs(tmp_path, weight_bits):
+    # intermediate 48: down_proj (in_features 48) is not a multiple of the group, stays fp32.
+    model = tiny_llama(intermediate_size=48)
+    apply_int8_qat(model, group_size=32, weight_bits=weight_bits)
+    b = batch()
+    with torch.no_grad():
+        fake = model(**b, use_cache=False).logits
+    line = save_qat_final(model, tmp_path)
+    with torch.no_grad():
+        converted = model(**b, use_cache=False).logits
+    assert "converted 12" in line and "README.md" in line
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    mlp = loaded.model.layers[1].mlp
+    assert isinstance(mlp.up_proj.weight, IntxUnpackedToInt8Tensor)
+    assert not isinstance(mlp.down_proj.weight, IntxUnpackedToInt8Tensor)
+    assert not isinstance(loaded.lm_head.weight, IntxUnpackedToInt8Tensor)
+    assert mlp.up_proj.weight.qdata.dtype == torch.int8
+    assert int(mlp.up_proj.weight.qdata.abs().max()) <= 2 ** (weight_bits - 1)
+    with torch.no_grad():
+        back = loaded(**b, use_cache=False).logits
+    # The loaded tensors are the saved ones bit for bit: outputs match exactly.
+    torch.testing.assert_close(back, converted, rtol=0, atol=0)
+    torch.testing.assert_close(back, fake, rtol=1e-5, atol=1e-5)
+
+    quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "torchao"
+    assert set(quant["modules_to_not_convert"]) == {"lm_head", "model.layers.0.mlp.down_proj",
+                                                    "model.layers.1.mlp.down_proj"}
+    readme = (tmp_path / "README.md").read_text()
+    assert f"int{weight_bits} weights in groups of 32" in readme and "AutoModelForCausalLM.from_pretrained" in readme
 
 
 def test_qat_rejects_a_model_without_eligible_linears():

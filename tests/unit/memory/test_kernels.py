@@ -16,7 +16,6 @@ from soup.memory.kernels import (
     auto_candidates,
     choose_kernels,
     kernels_support,
-    liger_fused_linear_cross_entropy_available,
     pick_fastest,
 )
 from soup.models.load import build_model
@@ -81,11 +80,6 @@ def test_none_compile_and_auto_are_supported_on_cpu():
     assert kernels_support("compile", CPU)[0]
     assert kernels_support("auto", CPU)[0]
     assert not kernels_support("triton_magic", CPU)[0]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
-def test_liger_fused_cross_entropy_is_unavailable_without_cuda():
-    assert liger_fused_linear_cross_entropy_available() is False
 
 
 def test_applying_an_unsupported_kernel_fails_with_the_reason():
