@@ -8,6 +8,7 @@ pass by silently skipping them.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,35 @@ def run_cli(*overrides: str, cwd: Path = REPO_ROOT, timeout: float = 300, check:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+# Optional packages the suite may meet missing (an install without the `dev` extra).
+OPTIONAL_MODULES = {"bitsandbytes", "schedulefree", "galore_torch", "torchao", "tensorboard", "wandb", "scipy",
+                    "submitit", "cut_cross_entropy", "liger_kernel", "flash_attn", "deepspeed", "trl"}
+_EXTRA_HINT = re.compile(r"pip install 'soup-harness\[(\w+)\]'")
+
+
+def _missing_optional_package(exc: BaseException) -> str | None:
+    """The optional package (or extra) `exc` says is missing, else None."""
+    from soup.errors import SoupError
+
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in OPTIONAL_MODULES:
+        return exc.name
+    if isinstance(exc, SoupError):
+        hint = _EXTRA_HINT.search(str(exc))
+        if hint and ("not installed" in str(exc) or "needs" in str(exc)):
+            return f"the {hint.group(1)} extra"
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A test whose optional package is not installed skips with the reason, instead of
+    failing, unless SOUP_REQUIRE_EXTRAS=1 (CI, which installs the README's `dev` extra)."""
+    outcome = yield
+    if outcome.excinfo is None or os.environ.get("SOUP_REQUIRE_EXTRAS") == "1":
+        return
+    missing = _missing_optional_package(outcome.excinfo[1])
+    if missing:
+        outcome.force_exception(pytest.skip.Exception(
+            f"needs {missing}, which is not installed: pip install -e \".[dev]\"", _use_item_location=True))
