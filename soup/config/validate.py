@@ -11,7 +11,7 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from soup.config.scope import command_line_fields, has_val_data, unknown_keys, unread_fields
+from soup.config.scope import command_line_fields, unknown_keys, unread_fields
 from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from soup.config import register_configs, validate
 from soup.config.schema import GROUP_SCHEMAS, PreferenceTaskConfig, SoupConfig, TrainConfig
