@@ -203,6 +203,9 @@ def _check_data(cfg: DictConfig, need) -> None:
          "data.val_file and data.val_split are both set; keep one (val_split=0 to use the file).")
     need(data.max_length >= 8, f"data.max_length must be at least 8 (got {data.max_length}).")
     need(data.max_rows is None or data.max_rows > 0, "data.max_rows must be positive or null.")
+    for cap in ("max_prompt_length", "max_completion_length"):
+        # A completion cut to 0 tokens would reach losses that divide by its length.
+        need(data[cap] is None or data[cap] >= 1, f"data.{cap} must be at least 1 token, or null.")
     if cfg.task.name == "pretrain":
         need(data.format in ("auto", "plaintext"),
              f"task=pretrain trains on plain documents; data.format={data.format} is a chat format "

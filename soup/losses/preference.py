@@ -502,16 +502,26 @@ def cpo(logps: PairedLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0) -> Pre
     return _output(losses, beta * logps.chosen, beta * logps.rejected, nll=nll)
 
 
+# The mean log-prob ORPO's odds are taken at is capped just below 0: p = 1 has infinite odds.
+# exp(-1e-6) = 1 - 1e-6 caps the log-odds at about 13.8, far beyond any useful signal.
+_LOG_ODDS_MAX_LOGP = -1e-6
+
+
 def _log_odds(mean_logp: Tensor) -> Tensor:
-    """log(p / (1 − p)) from ℓ = log p < 0, with log(1 − e^ℓ) computed without cancellation.
+    """log(p / (1 − p)) from ℓ = log p ≤ 0, with log(1 − e^ℓ) computed without cancellation.
 
     Near ℓ = 0, 1 − e^ℓ cancels; use log(−expm1(ℓ)) there and log1p(−e^ℓ) below −log 2
-    (Mächler, "Accurately computing log(1 − exp(−|a|))"). Both branches are finite for ℓ < 0,
-    so torch.where passes no NaN gradient.
+    (Mächler, "Accurately computing log(1 − exp(−|a|))"). torch.where evaluates (and
+    differentiates) both branches everywhere, so each branch gets its input clamped to its
+    own side of −log 2 first: log1p(−e^ℓ) at ℓ ≈ −3e-8 is log1p(−1) = −inf in float32, whose
+    gradient would turn the loss's gradient into NaN although the branch is not selected.
+    ℓ is capped at −1e-6 (p = 1 has infinite odds).
     """
-    log1m = torch.where(mean_logp > -math.log(2.0),
-                        torch.log(-torch.expm1(mean_logp)),
-                        torch.log1p(-torch.exp(mean_logp)))
+    mean_logp = mean_logp.clamp(max=_LOG_ODDS_MAX_LOGP)
+    split = -math.log(2.0)
+    log1m = torch.where(mean_logp > split,
+                        torch.log(-torch.expm1(mean_logp.clamp(min=split))),
+                        torch.log1p(-torch.exp(mean_logp.clamp(max=split))))
     return mean_logp - log1m
 
 

@@ -387,3 +387,27 @@ def test_a_chat_template_for_plain_string_prompts_is_refused_naming_the_flag(bui
         build([pair("Hi ", "yes", "no")], chat_template="chatml")
     assert build([{"prompt": user("Hi"), "chosen": assistant("yes"), "rejected": assistant("no")}],
                  chat_template="chatml").chat_template is not None
+
+
+@pytest.mark.parametrize("max_length, max_completion_length", [(8, None), (8, 1), (12, 3), (64, None)])
+def test_every_built_completion_keeps_at_least_one_token(build, max_length, max_completion_length):
+    # Length-normalised losses (SimPO, ORPO, sigmoid_norm) divide by the completion's token
+    # count: however rows are cut, each completion the data builds has >= 1 token.
+    rows = [pair("a long prompt " * 4, "a long chosen answer " * 3, "no"), pair("Q", "y", "a rejected one " * 5)]
+    splits = build(rows, max_length=max_length, max_completion_length=max_completion_length,
+                   overlong="truncate_or_drop")
+    for example in splits.train:
+        assert len(example["chosen_ids"]) >= 1 and len(example["rejected_ids"]) >= 1
+    unpaired = build(rows, shape="unpaired", max_length=max_length, max_completion_length=max_completion_length,
+                     overlong="truncate_or_drop")
+    assert all(len(example["completion_ids"]) >= 1 for example in unpaired.train)
+
+
+def test_a_completion_cap_below_one_token_is_refused_at_config_load():
+    from tests.unit.config.test_compose import make
+    from soup.config import validate
+    from soup.errors import ConfigError
+
+    overrides = ["task=dpo", "data.max_completion_length=0"]
+    with pytest.raises(ConfigError, match=r"data\.max_completion_length must be at least 1"):
+        validate(make(*overrides), overrides)
