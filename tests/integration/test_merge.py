@@ -32,3 +32,24 @@ def test_merged_model_equals_the_adapter_model(variant, tmp_path):
 def test_merge_without_an_adapter_names_the_fix(tmp_path):
     proc = run_cli("--adapter", str(tmp_path), "--out", str(tmp_path / "m"), module="soup.merge", check=False)
     assert proc.returncode == 2 and "adapter_config.json" in proc.stderr
+
+
+def test_trust_remote_code_reaches_the_base_load_from_the_flag_or_the_run(tmp_path, monkeypatch):
+    import json as json_module
+
+    import transformers
+
+    from soup.merge import load_base
+
+    seen = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **kwargs: seen.append(kwargs["trust_remote_code"]))
+    adapter = tmp_path / "run" / "final"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json_module.dumps({"base_model_name_or_path": "some/base"}))
+    load_base(adapter, None)
+    load_base(adapter, None, trust_remote_code=True)
+    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("model:\n  trust_remote_code: true\n")
+    load_base(adapter, None)
+    assert seen == [False, True, True]
