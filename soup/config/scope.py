@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -324,7 +325,10 @@ def set_fields(cfg: DictConfig, overrides: Iterable[str] = ()) -> set[str]:
 
 
 def _shown(value: Any) -> str:
-    return "null" if value is None else str(value).replace(" ", "")
+    """A value as it is written on the command line (null, true, [0.9,0.99])."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value).replace(" ", "")
 
 
 def unread_fields(cfg: DictConfig, overrides: Iterable[str] = ()) -> list[str]:
