@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from soup.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from soup.checkpoint import load_checkpoint, save_checkpoint
+from soup.config.resume import SCHEDULE_KEYS
 from soup.data.sampler import ResumableBatchSampler
 from soup.errors import SoupError
 from soup.optim import build_optimizer, build_scheduler, effective_optimizer, prepare_for_eval, prepare_for_train
@@ -42,8 +43,17 @@ class LoopResult:
     units_per_s: float
     last_train_loss: float | None
     last_eval_loss: float | None
-    interrupted: bool
     checkpoint: Path | None
+    epochs_done: float
+    # max_steps | epochs | signal; `signum` is set for a signal.
+    stop_reason: str
+    signum: int | None = None
+    # Every key a resume changed (allow_resume_changes=true), oldest first, with the step it took effect.
+    resume_changes: tuple[dict, ...] = ()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "signal"
 
 
 class StopFlag:
@@ -135,9 +145,16 @@ def train_loop(
     is_main_process: bool = True,
     sampler=None,
     eval_collate: Callable[[list], Batch] | None = None,
+    resume_from: Path | None = None,
+    resume_changes: list[dict] = (),
 ) -> LoopResult:
     """Optimise `model` on `train_examples`. `sampler` defaults to shuffled micro-batches
-    of train.micro_batch_size (multipack passes its own); `eval_collate` defaults to `collate`."""
+    of train.micro_batch_size (multipack passes its own); `eval_collate` defaults to `collate`.
+
+    `resume_from`: a verified checkpoint to continue from (soup/train.py checks its config
+    first); `resume_changes`: the keys this resume changes (soup/config/resume.py), recorded
+    in later checkpoints. A run that resumes a changed length or lr recomputes each group's
+    lr for the new schedule from the checkpoint's step on."""
     train_cfg = cfg.train
     if sampler is None:
         sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed)
@@ -156,9 +173,15 @@ def train_loop(
     checkpoints_dir = run_dir / "checkpoints"
 
     step, trained_units, consumed_micro, train_time_s = 0, 0, 0, 0.0
-    resume_from = _resume_path(cfg.resume, checkpoints_dir)
+    config_record = OmegaConf.to_container(cfg, resolve=True)
+    change_history: list[dict] = []
     if resume_from is not None:
+        new_base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         state, extra = load_checkpoint(resume_from, model, optimizer, scheduler)
+        if state["step"] > total_steps:
+            raise SoupError(f"resume: {resume_from} is at step {state['step']}, past this run's length of "
+                            f"{total_steps} steps.\n  fix: resume with a train.max_steps (or train.epochs) "
+                            "that reaches at least the checkpoint's step.")
         sampler.load_state_dict(state["sampler"])
         step, trained_units = state["step"], state["trained_units"]
         consumed_micro, train_time_s = state["consumed_micro_batches"], state["train_time_s"]
@@ -166,7 +189,14 @@ def train_loop(
             scaler.load_state_dict(extra["grad_scaler"])
         task.load_state_dict(extra.get("task", {}))
         tracker.truncate_after(step)
-        print(f"[soup] resumed from {resume_from} at step {step}")
+        change_history = [*state.get("resume_changes", []), *({**c, "at_step": step} for c in resume_changes)]
+        if any(c["key"] in SCHEDULE_KEYS for c in resume_changes):
+            follow_new_schedule(optimizer, scheduler, new_base_lrs)
+        print(f"[soup] resumed from {resume_from} at step {step}"
+              + "".join(f"; {c['key']} {c['from']} -> {c['to']}" for c in resume_changes))
+    elif cfg.resume is not None:
+        # resume=auto found no checkpoint: the run starts over, so a killed earlier attempt's lines go.
+        tracker.truncate_after(-1)
 
     def checkpoint_now() -> Path | None:
         if not is_main_process:
@@ -174,12 +204,19 @@ def train_loop(
         trainer_state = {
             "step": step, "trained_units": trained_units, "consumed_micro_batches": consumed_micro,
             "train_time_s": train_time_s, "sampler": sampler.state_dict(), "total_steps": total_steps,
+            # What wrote this checkpoint: a resume compares its own config with this one.
+            "config": config_record, "resume_changes": change_history,
         }
         extra = {"task": task.state_dict()}
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
         return save_checkpoint(checkpoints_dir, step, model, optimizer, scheduler, trainer_state,
                                train_cfg.keep_last_checkpoints, extra)
+
+    def result(stop_reason: str, signum: int | None = None) -> LoopResult:
+        return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9), last_loss,
+                          last_eval, last_checkpoint, consumed_micro / sampler.batches_per_epoch, stop_reason,
+                          signum, tuple(change_history))
 
     def run_eval() -> float | None:
         if not val_examples:
@@ -272,24 +309,24 @@ def train_loop(
             if stop.signum is not None:
                 last_checkpoint = checkpoint_now()
                 bar.close()
-                print(f"[soup] stopped by signal {stop.signum} at step {step}; checkpoint: {last_checkpoint}\n"
-                      f"  resume with: resume=auto hydra.run.dir={run_dir}")
-                return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9),
-                                  last_loss, last_eval, True, last_checkpoint)
+                print(f"[soup] stopped by signal {stop.signum} at step {step}; checkpoint: {last_checkpoint}")
+                return result("signal", stop.signum)
     bar.close()
     if evaluated_at != step:
         last_eval = run_eval()
     prepare_for_eval(optimizer)  # the final save holds the weights to evaluate
-    return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9),
-                      last_loss, last_eval, False, last_checkpoint)
+    return result("max_steps" if train_cfg.max_steps is not None else "epochs")
 
 
-def _resume_path(resume: str | None, checkpoints_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = latest_checkpoint(checkpoints_dir)
-        if found is None:
-            print(f"[soup] resume=auto: no checkpoint in {checkpoints_dir}; starting fresh")
-        return found
-    return Path(resume)
+def follow_new_schedule(optimizer: torch.optim.Optimizer, scheduler, base_lrs: list[float]) -> None:
+    """After a resume that changed the run's length or optim.lr: continue the new schedule.
+
+    The checkpoint restored the old base lrs and the lr its last step computed with the
+    old total. `base_lrs` are this run's (from optim.lr and lr_groups); the scheduler's
+    multiplier already uses the new total, so each group's next lr is base x multiplier at
+    the checkpoint's step, exactly what a fresh run with these settings uses there."""
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, multiplier in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -431,8 +431,9 @@ def _json_safe(obj: Any) -> Any:
 # --------------------------------------------------------------------------- plot
 
 
-def plot_loss_curves(metrics_path: Path, png_path: Path) -> Path | None:
-    """Plot train and eval `loss` against step from metrics.jsonl into a PNG.
+def plot_loss_curves(metrics_path: Path, png_path: Path, title: str | None = None) -> Path | None:
+    """Plot train and eval `loss` against step from metrics.jsonl into a PNG, titled `title`
+    (soup/train.py: task, model and run dir name; default: the run dir's name).
 
     Returns `png_path`, or None when the file has no finite loss to plot. Uses
     matplotlib's object API with the Agg canvas, so it never switches the global
@@ -461,12 +462,13 @@ def plot_loss_curves(metrics_path: Path, png_path: Path) -> Path | None:
         ax.plot(*curves["eval"], label="eval loss", marker="o", linestyle="--")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(metrics_path.parent.name)
+    ax.set_title(title or metrics_path.parent.name, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
 
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    # The title goes into the PNG's metadata too, where tools (and tests) can read it.
+    fig.savefig(png_path, metadata={"Title": title or metrics_path.parent.name})
     return png_path

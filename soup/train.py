@@ -5,16 +5,21 @@
     python -m soup.train --multirun optim.lr=1e-4,3e-4    # one run directory per job
 
 Returns the final validation loss (or the last training loss) so Hydra sweepers
-can optimise it. A user mistake ends with a message and exit status 2; in a
-multirun it fails only that job.
+can optimise it. Exit status: 0 when the run finished (or had already finished);
+2 for a user mistake (config, data, files; in a multirun it fails only that job),
+including the ones Hydra finds while composing the config; 128 + N when signal N
+(SIGINT, SIGTERM) stopped the run after saving a checkpoint, so a scheduler can
+tell an interrupted run from a finished one.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import asdict
+import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -24,11 +29,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from soup.checkpoint import atomic_directory, resolve_resume
 from soup.config import register_configs, resolve_device, validate
+from soup.config.resume import check_resume_config, config_changes
+from soup.console import copied_to
 from soup.data import build_datasets, collate_padded
 from soup.data.preference import build_preference_datasets
 from soup.data.dataset import DEMO_FILES, resolve_data_path
-from soup.errors import SoupError
+from soup.errors import ConfigError, SoupError
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
 from soup.models.adapters import save_final_adapter, save_initial_adapter
@@ -36,6 +44,7 @@ from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
 from soup.precision import describe_precision, resolve_precision
+from soup.run_dir import finished_record, objective_of, prepare_fresh_run_dir
 from soup.tasks import PreferenceTask, build_task
 from soup.tasks.preference import preference_collate, resolve_sequence_layout
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
@@ -43,6 +52,14 @@ from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_
 register_configs()
 # conf/ sits beside the package in the source tree (soup is installed editable).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+class RunInterrupted(Exception):
+    """A signal stopped the run after it saved a checkpoint; the exit status is 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
 
 
 def seed_everything(seed: int) -> None:
@@ -122,12 +139,31 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     user set from a default (soup/config/scope.py)."""
     started = time.time()
     validate(cfg, overrides)
+    if cfg.resume is None:
+        removed = prepare_fresh_run_dir(run_dir, cfg.overwrite)
+        if removed:
+            print(f"[soup] overwrite=true: deleted {', '.join(removed)} from {run_dir}")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     # Resolved once, before anything reads it: every later reader sees fp32, bf16 or fp16, never auto.
     requested_precision = cfg.train.precision
     cfg.train.precision = resolve_precision(requested_precision, device)
     print(f"[soup] precision: {describe_precision(requested_precision, cfg.train.precision, device)}")
+    finished = finished_record(run_dir) if cfg.resume == "auto" else None
+    if finished is not None and not config_changes(finished["config"], OmegaConf.to_container(cfg, resolve=True)):
+        print(f"[soup] {run_dir} holds a finished run ({finished['stats'].get('steps')} steps, final/ saved); "
+              "resume=auto has nothing to do.\n  to train it further: the same command with a longer "
+              "train.max_steps and allow_resume_changes=true continues from its newest checkpoint")
+        return objective_of(finished)
+    resume_from = resolve_resume(cfg.resume, run_dir / "checkpoints")
+    if finished is not None and resume_from is None:
+        raise ConfigError(f"{run_dir} holds a finished run without a checkpoint to continue from, and this config "
+                          "differs from the run's own (run.json).\n  fix: start a new run (another hydra.run.dir, "
+                          "or overwrite=true without resume), or resume with the run's own config (a no-op).")
+    resume_changes = []
+    if resume_from is not None:
+        # Before any model loads: a resume that cannot honour this config stops here.
+        resume_changes = resume_config_changes(cfg, resume_from)
 
     tokenizer = build_tokenizer(cfg.model)
     task = build_task(cfg.task, cfg.kernels)
@@ -194,7 +230,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     print(f"[soup] {tracker.describe()}")
     try:
         result = train_loop(cfg, model, task, train_examples, splits.val, collate, run_dir, tracker, device,
-                            sampler=sampler, eval_collate=eval_collate)
+                            sampler=sampler, eval_collate=eval_collate, resume_from=resume_from,
+                            resume_changes=resume_changes)
     finally:
         tracker.close()
         features.close()
@@ -202,22 +239,26 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         print(f"[soup] {line}")
 
     if not result.interrupted:
-        final_dir = run_dir / "final"
         stop_on_end_of_turn(model, tokenizer)
-        if cfg.quant.name == "int8_qat":  # final/ holds the converted quantised model QAT trained for
-            from soup.memory.fp8 import save_qat_final
+        # Written beside final/ and renamed when complete: a run killed mid-save leaves no half final/.
+        with atomic_directory(run_dir / "final") as final_dir:
+            if cfg.quant.name == "int8_qat":  # final/ holds the converted quantised model QAT trained for
+                from soup.memory.fp8 import save_qat_final
 
-            print(f"[soup] {save_qat_final(model, final_dir)}")
-        elif cfg.peft.name == "none":
-            model.save_pretrained(final_dir)
-        else:
-            save_final_adapter(model, cfg.peft.name, final_dir, run_dir / "initial_adapter",
-                               lambda: build_model(cfg.model, tokenizer, cfg.seed))
-        tokenizer.save_pretrained(final_dir)
-        print(f"[soup] saved final model to {final_dir}")
+                print(f"[soup] {save_qat_final(model, final_dir)}")
+            elif cfg.peft.name == "none":
+                model.save_pretrained(final_dir)
+            else:
+                save_final_adapter(model, cfg.peft.name, final_dir, run_dir / "initial_adapter",
+                                   lambda: build_model(cfg.model, tokenizer, cfg.seed))
+            tokenizer.save_pretrained(final_dir)
+        print(f"[soup] saved final model to {run_dir / 'final'}")
     stats = {
         "status": "interrupted" if result.interrupted else "finished",
         "steps": result.step,
+        "epochs_done": round(result.epochs_done, 4),
+        "stop_reason": f"signal {result.signum}" if result.interrupted else result.stop_reason,
+        "resume_changes": list(result.resume_changes),
         f"trained_{task.unit_name}": result.trained_units,
         f"trained_{task.unit_name}_per_s": result.units_per_s,
         "train_time_s": result.train_time_s,
@@ -231,24 +272,71 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         "data": {"train": asdict(splits.report), "val": asdict(splits.val_report) if splits.val_report else None},
     }
     write_run_record(run_dir, config_dict, stats, files)
-    plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                     title=f"{cfg.task.name} | {model_label(cfg)} | {run_dir.name}")
     print(f"[soup] run dir: {run_dir}")
+    if result.interrupted:
+        print("  resume with: python -m soup.train " + " ".join(shlex.quote(o) for o in resume_overrides(overrides, run_dir)))
+        raise RunInterrupted(result.signum)
     return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss
+
+
+def model_label(cfg: DictConfig) -> str:
+    if cfg.model.name == "hf":
+        return Path(cfg.model.path).name
+    return f"tiny llama (hidden {cfg.model.tiny.hidden_size}, {cfg.model.tiny.num_hidden_layers} layers)"
+
+
+def resume_overrides(overrides, run_dir: Path) -> list[str]:
+    """This run's command line with resume=auto and its run dir, for the "resume with" hint."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir=", "overwrite="))]
+    return [*kept, "resume=auto", f"hydra.run.dir={run_dir}"]
+
+
+def resume_config_changes(cfg: DictConfig, checkpoint: Path) -> list[dict]:
+    """The config keys this resume changes (soup/config/resume.py); raises for a change it may not make."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("config")
+    if saved is None:
+        print(f"[soup] warning: {checkpoint} predates config records; resuming without comparing configs")
+        return []
+    current = OmegaConf.to_container(cfg, resolve=True)
+    return [c.record() for c in check_resume_config(saved, current, cfg.allow_resume_changes, checkpoint)]
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    with copied_to(run_dir / f"{hydra_cfg.job.name}.log") as console:
+        try:
+            return run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        except SoupError as exc:
+            console.report_error(f"[soup] error: {exc}")
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                # One bad job must not end the sweep; the sweeper sees no objective for it.
+                return None
+            sys.exit(USER_ERROR)
+        except RunInterrupted as stop:
+            sys.exit(128 + stop.signum)
+
+
+USER_ERROR = 2
+
+
+def cli() -> None:
+    """`python -m soup.train`: Hydra's own user errors (an unknown group option, a bad override)
+    exit with soup's user-error status too, not Hydra's 1, which a crash in soup also gives."""
+    from hydra.errors import HydraException
+
     try:
-        return run(cfg, run_dir, list(hydra_cfg.overrides.task))
-    except SoupError as exc:
-        print(f"[soup] error: {exc}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            # One bad job must not end the sweep; the sweeper sees no objective for it.
-            return None
-        sys.exit(2)
+        main()
+    except SystemExit as exit_:
+        # Hydra prints its error, then exits 1 from inside the handler that caught it.
+        if exit_.code == 1 and isinstance(exit_.__context__, HydraException):
+            sys.exit(USER_ERROR)
+        raise
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -362,6 +362,13 @@ class SoupConfig:
     seed: int = 42
     # null: start fresh; auto: the latest checkpoint in this run dir; or a checkpoint path.
     resume: Optional[str] = None
+    # A fresh run (resume=null) refuses a run dir that already holds a run's outputs;
+    # true deletes those outputs first (soup/run_dir.py).
+    overwrite: bool = False
+    # On resume, keys that may change mid-run (run length, eval/save/log cadence, optim.lr,
+    # memory features, trackers) are refused unless this is true; then they are applied
+    # and recorded in run.json. Every other key must match the checkpoint (soup/config/resume.py).
+    allow_resume_changes: bool = False
 
 
 GROUP_SCHEMAS = {

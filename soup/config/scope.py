@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from soup.config.schema import SoupConfig
+from soup.config.schema import GROUP_SCHEMAS, SoupConfig
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TOKEN_TASKS = ("sft", "pretrain")
@@ -124,10 +124,18 @@ VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_
                  lambda cfg: "no validation data: data.val_split=0 and no data.val_file")
 
 
+FRESH_RUN = Scope(lambda cfg: cfg.resume is None, "a fresh run (resume=null)",
+                  lambda cfg: f"resume={cfg.resume}")
+RESUMED_RUN = Scope(lambda cfg: cfg.resume is not None, "resume=auto or resume=<checkpoint>",
+                    lambda cfg: "resume=null")
+
+
 def _build_scopes() -> dict[str, Scope]:
     token_task = choice("task.name", *TOKEN_TASKS)
     preference = choice("task.name", *PREFERENCE_TASKS)
     scopes = {
+        "overwrite": FRESH_RUN,
+        "allow_resume_changes": RESUMED_RUN,
         # model
         "model.path": choice("model.name", "hf"),
         "model.trust_remote_code": Scope(lambda c: c.model.name == "hf" or bool(c.model.tokenizer_path),
@@ -210,6 +218,8 @@ def field_scopes() -> dict[str, Scope]:
 
 
 # --- which fields exist, which are set --------------------------------------------------
+# The root's own values (seed, resume, overwrite ...): `key=value` names a field, not a group option.
+ROOT_VALUES = tuple(f.name for f in dataclasses.fields(SoupConfig) if f.name not in (*GROUP_SCHEMAS, "train"))
 def schema_of(node: Any) -> type | None:
     """The dataclass behind a config node (None for plain dicts and values)."""
     if not OmegaConf.is_dict(node):
@@ -273,7 +283,7 @@ def command_line_fields(overrides: Iterable[str]) -> set[str]:
     keys = set()
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         if override.package is None and "." not in override.key_or_group and \
-                override.key_or_group not in ("seed", "resume"):
+                override.key_or_group not in ROOT_VALUES:
             continue  # a group choice such as task=dpo or debug=tiny
         if override.key_or_group.startswith("hydra"):
             continue
@@ -286,7 +296,7 @@ def group_choices(overrides: Iterable[str]) -> dict[str, str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return {o.key_or_group: str(o.value()) for o in OverridesParser.create().parse_overrides(list(overrides))
-            if "." not in o.key_or_group and o.key_or_group not in ("seed", "resume") and isinstance(o.value(), str)}
+            if "." not in o.key_or_group and o.key_or_group not in ROOT_VALUES and isinstance(o.value(), str)}
 
 
 def _preset_keys(group: str, option: str) -> set[str]:

@@ -11,7 +11,7 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from soup.config.scope import command_line_fields, unknown_keys, unread_fields
+from soup.config.scope import CONF_DIR, command_line_fields, group_choices, unknown_keys, unread_fields
 from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
@@ -59,6 +59,9 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
     which of two fields saying the same thing wins (resolve_alternatives, which may
     clear the other in `cfg`).
     """
+    missing = unset_group_options(cfg, overrides)
+    if missing:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in missing))
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in unknown))
@@ -103,6 +106,20 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
 
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def unset_group_options(cfg: DictConfig, overrides) -> list[str]:
+    """A message for each group whose chosen option leaves a required value unset, which
+    happens when the choice names one of soup's schemas (task=task_schema) instead of an option."""
+    chosen = group_choices(overrides)
+    problems = []
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        group = key.split(".")[0]
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else []
+        choice = f"{group}={chosen[group]}" if group in chosen else f"this {group} option"
+        problems.append(f"{key} has no value: {choice} is not one of soup's options (names ending in _schema are "
+                        f"its internal schemas). Fix: choose {group}=" + "|".join(options) + ".")
+    return problems
 
 
 # Pairs of fields that say the same thing two ways, with the value that means "not set".

@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
 from soup.config.schema import GROUP_SCHEMAS, PreferenceTaskConfig, SoupConfig, TrainConfig
-from soup.config.scope import field_scopes, leaf_fields
+from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
 from soup.errors import ConfigError, SoupError
 
 pytestmark = pytest.mark.slow
@@ -187,19 +187,23 @@ EXEMPT = {
     "train.eval_batch_size": "how many rows one eval forward holds: the loss is the same by design; "
                              "tests/unit/test_loop.py::test_eval_batch_size_sets_the_rows_of_each_eval_forward",
     "resume": "tests/integration/test_resume.py resumes bit-exactly from each kind of checkpoint",
+    "overwrite": "only acts on a run dir that holds a run; tests/integration/test_run_faults.py "
+                 "(test_overwrite_deletes_the_old_outputs_and_starts_again)",
+    "allow_resume_changes": "only acts on a resume whose config differs; tests/integration/test_run_faults.py "
+                            "(test_an_allowed_change_follows_the_new_schedule_from_the_checkpoint)",
     "peft.loftq_bits": "peft=loftq needs CUDA (rejected on CPU); tests/gpu/test_loftq_cuda.py",
     "peft.loftq_iter": "peft=loftq needs CUDA (rejected on CPU); tests/gpu/test_loftq_cuda.py",
 }
 
 # Settings the rejection half tries, in order, to find one where a conditional field does not apply.
-NOT_APPLYING_CANDIDATES = [[], ["task=dpo"], ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"],
-                           ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
+NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=dpo"], ["task=orpo"], ["task=simpo"], ["task=pretrain"],
+                           ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
                            ["task=dpo", *LORA]]
 
 
 def all_fields() -> dict[str, object]:
     """{dotted path: schema default} over every schema (the root, each group, the preference task)."""
-    fields = {"seed": SoupConfig().seed, "resume": SoupConfig().resume}
+    fields = {name: getattr(SoupConfig(), name) for name in ROOT_VALUES}
     for group, schema in GROUP_SCHEMAS.items():
         fields.update(leaf_fields(schema, f"{group}."))
     fields.update(leaf_fields(PreferenceTaskConfig, "task."))
