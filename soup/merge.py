@@ -31,19 +31,43 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
     run_config = adapter_dir.parent / ".hydra" / "config.yaml"
     run_cfg = OmegaConf.load(run_config) if run_config.exists() else None
     trust_remote_code = trust_remote_code or bool(run_cfg is not None and run_cfg.model.get("trust_remote_code"))
+    origin = "--base"
     if base is None:
+        origin = f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         if (adapter_dir / "base_model").is_dir():  # LoftQ saves its modified base beside the adapter
-            base = str(adapter_dir / "base_model")
+            base, origin = str(adapter_dir / "base_model"), f"the adapter's own {adapter_dir / 'base_model'}"
     if base:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        source = _checked_base(base, origin)
+        try:
+            return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                        trust_remote_code=trust_remote_code)
+        except OSError as exc:  # a hub id that is neither cached nor reachable
+            raise SoupError(f"the base model {base} (from {origin}) could not be loaded: {exc}\n"
+                            "  fix: pass --base <the base model's folder>.") from exc
     if run_cfg is None:
         raise SoupError(f"{adapter_dir}: the adapter names no base model and is not inside a soup run directory.\n"
                         "  fix: pass --base <base model directory>.")
     from soup.models.load import build_model, build_tokenizer
 
     return build_model(run_cfg.model, build_tokenizer(run_cfg.model), run_cfg.seed)
+
+
+def _checked_base(base: str, origin: str) -> str:
+    """The base as from_pretrained should get it; a SoupError naming where it came from when it is unusable."""
+    from soup.errors import ConfigError
+    from soup.models.files import model_source
+
+    try:
+        flag = "--base" if origin == "--base" else "base_model_name_or_path"
+        return model_source(base, flag, needs_tokenizer=False)
+    except ConfigError as exc:
+        if origin == "--base":
+            raise
+        problem = str(exc).split("\n")[0]
+        raise SoupError(f"{problem}\n  (the base was read from {origin}: the run trained on it there)\n"
+                        "  fix: pass --base <the base model's folder>.") from exc
 
 
 def merge(adapter_dir: Path, out_dir: Path, base: str | None = None, trust_remote_code: bool = False) -> Path:

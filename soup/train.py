@@ -40,6 +40,7 @@ from soup.errors import ConfigError, SoupError
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
 from soup.models.adapters import save_final_adapter, save_initial_adapter
+from soup.models.files import model_source
 from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
@@ -195,7 +196,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     if cfg.quant.name in BNB_QUANTS:
         # Quantised weights are placed on the device as they load; adapters train on top.
         if cfg.model.name == "hf":
-            model = load_quantized(cfg.model.path, cfg.quant, device, **load_kwargs(cfg.model))
+            model = load_quantized(model_source(cfg.model.path, needs_tokenizer=False), cfg.quant, device,
+                                   **load_kwargs(cfg.model))
         else:
             model = quantize_built_model(build_model(cfg.model, tokenizer, cfg.seed), cfg.quant, device,
                                          **load_kwargs(cfg.model))

@@ -114,7 +114,9 @@ def unset_group_options(cfg: DictConfig, overrides) -> list[str]:
     chosen = group_choices(overrides)
     problems = []
     for key in sorted(OmegaConf.missing_keys(cfg)):
-        group = key.split(".")[0]
+        group, _, field_name = key.partition(".")
+        if field_name != "name":  # a value an option leaves to the user (model.path): checked below
+            continue
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else []
         choice = f"{group}={chosen[group]}" if group in chosen else f"this {group} option"
         problems.append(f"{key} has no value: {choice} is not one of soup's options (names ending in _schema are "

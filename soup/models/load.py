@@ -13,17 +13,22 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Pre
 
 from soup.errors import ConfigError
 from soup.models.adapters import apply_peft  # noqa: F401  (re-exported: the model build's last step)
+from soup.models.files import model_source
 from soup.models.tokenizer import build_byte_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer. The first thing a run loads, so it checks the model folder too."""
+    if model_cfg.name == "hf":
+        model_source(model_cfg.path, needs_tokenizer=not model_cfg.tokenizer_path)
     if model_cfg.tokenizer_path:
-        return load_tokenizer(model_cfg.tokenizer_path, model_cfg.trust_remote_code)
+        source = model_source(model_cfg.tokenizer_path, "model.tokenizer_path", needs_weights=False)
+        return load_tokenizer(source, model_cfg.trust_remote_code)
     if model_cfg.name == "tiny":
         return build_byte_tokenizer()
-    return load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+    return load_tokenizer(model_source(model_cfg.path, needs_weights=False), model_cfg.trust_remote_code)
 
 
 def load_kwargs(model_cfg: DictConfig) -> dict:
@@ -61,7 +66,8 @@ def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
             )
         return model
     try:
-        return AutoModelForCausalLM.from_pretrained(model_cfg.path, **load_kwargs(model_cfg))
+        return AutoModelForCausalLM.from_pretrained(model_source(model_cfg.path, needs_tokenizer=False),
+                                                    **load_kwargs(model_cfg))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model.path={model_cfg.path!r}: could not load a causal LM: {exc}\n"
