@@ -49,6 +49,14 @@ def detect_format(rows: list[Row], text_field: str = "text") -> str:
     first = rows[0]
     fmt = _format_of_keys(first.record, text_field)
     if fmt is None:
+        keys = first.record.keys()
+        if {"prompt", "chosen", "rejected"} <= keys or {"prompt", "completion", "label"} <= keys:
+            paired = "chosen" in keys
+            raise row_error(
+                first, f"these are preference rows ({{{', '.join(sorted(keys))}}}), which this task does not read",
+                fix="train them with task=dpo (or ipo, orpo, simpo, cpo)." if paired else
+                "train them with task=kto (or bco).",
+            )
         raise row_error(
             first,
             f"cannot tell the format from the keys {sorted(first.record)}",

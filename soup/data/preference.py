@@ -111,6 +111,33 @@ def build_preference_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase,
     return PreferenceSplits(train, val, report, val_report, template, files)
 
 
+# Fields that mark a row as SFT data (soup/data/formats.py): alpaca, sharegpt, chatml messages, plain text.
+_SFT_FIELDS = {"instruction": "an alpaca row", "conversations": "a sharegpt row", "messages": "a chat (messages) row",
+               "text": "a plain-text row"}
+
+
+def _what_it_is(record: dict) -> str:
+    kind = next((name for key, name in _SFT_FIELDS.items() if key in record), None)
+    if kind:
+        return f": it is {kind}, which SFT reads, not a preference row"
+    if {"prompt", "completion", "label"} <= record.keys():
+        return ": it is an unpaired {prompt, completion, label} row"
+    return f" (its fields: {', '.join(sorted(record)) or 'none'})"
+
+
+def _fix_for(record: dict, shape: str) -> str:
+    """The task that reads this row, or the row format the chosen task needs."""
+    needs = ("this task needs {prompt, chosen, rejected} rows" if shape == "paired" else
+             "this task needs {prompt, completion, label} or {prompt, chosen, rejected} rows")
+    if "text" in record and not any(key in record for key in ("instruction", "conversations", "messages")):
+        return f"train plain text with task=pretrain (or task=sft), or {needs}."
+    if any(key in record for key in _SFT_FIELDS):
+        return f"train these rows with task=sft; for preference training, {needs}."
+    if shape == "paired" and {"prompt", "completion", "label"} <= record.keys():
+        return "use task=kto or task=bco, which read {prompt, completion, label} rows; or give {prompt, chosen, rejected} rows."
+    return f"{needs}."
+
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list)
 
@@ -141,9 +168,9 @@ class _Encoder:
                     examples.append({"prompt_ids": prompt_ids, "completion_ids": chosen_ids, "desirable": True})
                     examples.append({"prompt_ids": prompt_ids, "completion_ids": rejected_ids, "desirable": False})
             else:
-                if shape == "paired":
-                    raise row_error(row, "the row has no 'chosen'/'rejected' fields, which this task needs",
-                                    fix="use task=kto or task=bco for {prompt, completion, label} rows.")
+                if shape == "paired" or any(key in record for key in _SFT_FIELDS):
+                    raise row_error(row, f"the row has no 'chosen'/'rejected' fields{_what_it_is(record)}",
+                                    fix=_fix_for(record, shape))
                 prompt, completion = self._field(row, "prompt"), self._field(row, "completion")
                 label = self._label(row)
                 prompt_ids, (completion_ids,) = self._encode(row, prompt, [completion], report)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
+from soup.data.templates import bounded_render
 from soup.errors import ConfigError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -32,14 +33,14 @@ def render_chat(
     add_generation_prompt: bool = False,
     tools: Optional[list[dict[str, Any]]] = None,
 ) -> str:
-    """The conversation as text, through the Jinja `template`."""
-    return tokenizer.apply_chat_template(
+    """The conversation as text, through the Jinja `template` (time- and size-bounded)."""
+    return bounded_render(lambda: tokenizer.apply_chat_template(
         messages,
         tools=tools,
         chat_template=template,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
-    )
+    ), template)
 
 
 def assistant_spans(

@@ -73,3 +73,13 @@ def test_config_typo_fails_at_compose_with_hydras_message(tmp_path):
 
 def test_cross_group_rule_fails_before_any_model_loads(tmp_path):
     fails_with("model=hf", f"hydra.run.dir={tmp_path}", expect=["model.path"])
+
+
+@pytest.mark.parametrize("template, why", [
+    ("{{ cycler.__init__.__globals__ }}", "access to attribute '__init__'"),
+    ("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),
+])
+def test_a_template_the_sandbox_blocks_names_the_template_not_the_row(tmp_path, template, why):
+    proc = fails_with(f"data.chat_template='{template}'", f"hydra.run.dir={tmp_path / 'run'}",
+                      expect=["data.chat_template was refused", why])
+    assert proc.returncode == 2 and "roles/order" not in proc.stderr

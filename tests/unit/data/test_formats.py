@@ -161,3 +161,11 @@ def test_item_rows_are_located_as_items():
     row = Row(record={"instruction": "x"}, path="d.json", line=4, unit="item")
     with pytest.raises(DataError, match=r"d\.json: item 4: the row has no field 'output'"):
         to_messages(row, "alpaca")
+
+
+@pytest.mark.parametrize("record, task", [({"prompt": "Q", "chosen": "a", "rejected": "b"}, "task=dpo"),
+                                          ({"prompt": "Q", "completion": "a", "label": True}, "task=kto")])
+def test_preference_rows_given_to_sft_name_the_task_that_reads_them(record, task):
+    with pytest.raises(DataError, match="these are preference rows") as info:
+        detect_format(rows_of(record))
+    assert task in str(info.value)

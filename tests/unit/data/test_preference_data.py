@@ -411,3 +411,21 @@ def test_a_completion_cap_below_one_token_is_refused_at_config_load():
     overrides = ["task=dpo", "data.max_completion_length=0"]
     with pytest.raises(ConfigError, match=r"data\.max_completion_length must be at least 1"):
         validate(make(*overrides), overrides)
+
+
+@pytest.mark.parametrize("row, shape, kind, fix", [
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, "paired", "an alpaca row", "task=sft"),
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, "unpaired", "an alpaca row", "task=sft"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "paired", "a chat (messages) row", "task=sft"),
+    ({"text": "a document"}, "paired", "a plain-text row", "task=pretrain"),
+    ({"text": "a document"}, "unpaired", "a plain-text row", "task=pretrain"),
+    ({"question": "Q", "answer": "A"}, "paired", "its fields: answer, question", "{prompt, chosen, rejected}"),
+])
+def test_sft_rows_given_to_a_preference_task_point_at_the_task_that_reads_them(
+        write_jsonl, data_config, byte_tokenizer, row, shape, kind, fix):
+    """Not kto/bco, which do not read these rows either (issue 10, item 12)."""
+    path = write_jsonl([row])
+    with pytest.raises(DataError) as info:
+        build_preference_datasets(data_config(train_file=str(path)), byte_tokenizer, shape, 0)
+    assert_row_error(info, path, 1, kind, fix)
+    assert "kto" not in str(info.value)
