@@ -38,7 +38,8 @@ def test_three_steps_then_resume_equals_six_straight(name, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_cli(*common, f"hydra.run.dir={straight}")
     run_cli(*common, "train.max_steps=3", f"hydra.run.dir={split}")
-    out = run_cli(*common, "resume=auto", f"hydra.run.dir={split}").stdout
+    # The 3-step run finished; going on to 6 steps is a change of length, asked for explicitly.
+    out = run_cli(*common, "resume=auto", "allow_resume_changes=true", f"hydra.run.dir={split}").stdout
     assert "resumed from" in out and "step-3" in out
     expected = load_file(str(straight / "final" / "model.safetensors"))
     resumed = load_file(str(split / "final" / "model.safetensors"))
