@@ -33,9 +33,6 @@ from soup.checkpoint import atomic_directory, resolve_resume
 from soup.config import register_configs, resolve_device, validate
 from soup.config.resume import check_resume_config, config_changes
 from soup.console import copied_to
-from soup.data import build_datasets, collate_padded
-from soup.data.preference import build_preference_datasets
-from soup.data.dataset import DEMO_FILES, resolve_data_path
 from soup.errors import ConfigError, SoupError
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
@@ -46,8 +43,7 @@ from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, 
 from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
 from soup.precision import describe_precision, resolve_precision
 from soup.run_dir import finished_record, objective_of, prepare_fresh_run_dir
-from soup.tasks import PreferenceTask, build_task
-from soup.tasks.preference import preference_collate, resolve_sequence_layout
+from soup.tasks import build_task
 from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
 
 register_configs()
@@ -79,58 +75,6 @@ def stop_on_end_of_turn(model, tokenizer) -> None:
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     if end_of_turn not in eos:
         generation_config.eos_token_id = eos + [end_of_turn]
-
-
-def data_files(data_cfg: DictConfig, task_name: str) -> list[str]:
-    """The files this run read, for the run record's hashes."""
-    train = data_cfg.train_file or DEMO_FILES[task_name]
-    files = [resolve_data_path(train, "data.train_file")]
-    if data_cfg.val_file:
-        files.append(resolve_data_path(data_cfg.val_file, "data.val_file"))
-    return [str(f) for f in files]
-
-
-def arrange_batches(cfg: DictConfig, examples: list, padded_collate, tokenizer):
-    """Packing or multipack: (train rows, sampler, train collate, eval collate)."""
-    if cfg.data.packing:
-        from soup.data.packing import collate_packed, pack_examples, packing_efficiency
-
-        rows = pack_examples(examples, cfg.data.max_length, seed=cfg.seed)
-        print(f"[soup] packing: {len(examples)} examples -> {len(rows)} rows of <= {cfg.data.max_length} tokens, "
-              f"efficiency {packing_efficiency(rows, cfg.data.max_length):.3f}, cross-document attention "
-              f"{'masked' if cfg.data.packing_cross_doc_attn_mask else 'allowed'}")
-
-        def collate(batch_rows):
-            return collate_packed(batch_rows, tokenizer.pad_token_id, cfg.data.packing_cross_doc_attn_mask,
-                                  cfg.model.attn_implementation)
-
-        # Evaluation stays on padded examples, so its loss means the same with or without packing.
-        return rows, None, collate, padded_collate
-    from soup.data.multipack import MultipackBatchSampler, naive_padding_efficiency
-
-    lengths = [len(e["input_ids"]) for e in examples]
-    naive = naive_padding_efficiency(lengths, cfg.train.micro_batch_size, cfg.seed)
-    items, collate, eval_collate, what = examples, padded_collate, None, "examples, one per row"
-    if cfg.data.multipack_layout == "packed":
-        from soup.data.packing import collate_packed, pack_examples
-
-        # The bins' items are rows of examples packed end to end (FFD, fixed for the run);
-        # the sampler bins those rows micro_batch_size x max_length cells at a time.
-        items = pack_examples(examples, cfg.data.max_length, seed=cfg.seed)
-        what = f"rows packing {len(examples)} examples, attention inside each example"
-
-        def collate(batch_rows):
-            return collate_packed(batch_rows, tokenizer.pad_token_id, True, cfg.model.attn_implementation)
-
-        eval_collate = padded_collate
-    sampler = MultipackBatchSampler([len(item["input_ids"]) for item in items], cfg.train.micro_batch_size,
-                                    cfg.data.max_length, cfg.seed,
-                                    max_items_per_bin=cfg.data.multipack_max_items_per_bin,
-                                    max_mask_cells=cfg.data.multipack_max_mask_cells)
-    print(f"[soup] multipack ({cfg.data.multipack_layout}: {len(items)} {what}): {sampler.batches_per_epoch} bins "
-          f"per epoch, efficiency {sampler.efficiency:.3f} of capacity, {sampler.padded_efficiency:.3f} of padded "
-          f"cells (random batches of examples: {naive:.3f})")
-    return items, sampler, collate, eval_collate
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> float | None:
@@ -168,30 +112,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
 
     tokenizer = build_tokenizer(cfg.model)
     task = build_task(cfg.task, cfg.kernels)
-    if isinstance(task, PreferenceTask):
-        splits = build_preference_datasets(cfg.data, tokenizer, "unpaired" if task.unpaired else "paired", cfg.seed)
-        layout = resolve_sequence_layout(cfg.task, cfg.model.attn_implementation, cfg.kernels.name)
-        collate_rows = preference_collate(task.unpaired, layout, cfg.model.attn_implementation)
-        print(f"[soup] sequence layout: {layout}" + (" (each prompt forwarded once; units packed into rows)"
-                                                    if layout == "shared_prompt" else ""))
-        files = splits.files
-    else:
-        splits = build_datasets(cfg.data, tokenizer, cfg.task.name, cfg.seed)
-        collate_rows = collate_padded
-        files = data_files(cfg.data, cfg.task.name)
-    print(f"[soup] {splits.report.summary()}")
-    if splits.val_report is not None:
-        print(f"[soup] {splits.val_report.summary()}")
-    if splits.chat_template is not None:
+    data = task.build_data(cfg, tokenizer)
+    for line in data.lines:
+        print(f"[soup] {line}")
+    if data.chat_template is not None:
         # The saved tokenizer carries the template the data was rendered with.
-        tokenizer.chat_template = splits.chat_template
-
-    def collate(examples):
-        return collate_rows(examples, tokenizer.pad_token_id)
-
-    train_examples, sampler, eval_collate = splits.train, None, None
-    if cfg.data.packing or cfg.data.multipack:
-        train_examples, sampler, collate, eval_collate = arrange_batches(cfg, splits.train, collate, tokenizer)
+        tokenizer.chat_template = data.chat_template
 
     if cfg.quant.name in BNB_QUANTS:
         # Quantised weights are placed on the device as they load; adapters train on top.
@@ -218,11 +144,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
           f"device={device} precision={cfg.train.precision} peft={cfg.peft.name} quant={cfg.quant.name} "
           f"kernels={cfg.kernels.name} checkpointing={cfg.checkpointing.name} offload={cfg.offload.name} "
           f"parallelism={cfg.parallelism.name}")
-    if isinstance(task, PreferenceTask):
-        # Before the memory features: a frozen reference copy needs no checkpointing or compilation.
-        print("[soup] " + task.setup(model, cfg.peft.name, splits, collate, cfg.train.eval_batch_size, device,
-                                     cfg.train.precision, lambda: autocast_context(cfg.train.precision, device)))
-    sample_batch = collate(train_examples[: cfg.train.micro_batch_size])
+    # Before the memory features: a frozen reference copy needs no checkpointing or compilation.
+    for line in task.setup(model, cfg, data, device, lambda: autocast_context(cfg.train.precision, device)):
+        print(f"[soup] {line}")
+    sample_batch = data.collate(data.train[: cfg.train.micro_batch_size])
     model, features = apply_memory_features(model, cfg, run_dir, device, sample_batch)
     for line in features.lines:
         print(f"[soup] {line}")
@@ -231,8 +156,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)
     print(f"[soup] {tracker.describe()}")
     try:
-        result = train_loop(cfg, model, task, train_examples, splits.val, collate, run_dir, tracker, device,
-                            sampler=sampler, eval_collate=eval_collate, resume_from=resume_from,
+        result = train_loop(cfg, model, task, data.train, data.val, data.collate, run_dir, tracker, device,
+                            sampler=data.sampler, eval_collate=data.eval_collate, resume_from=resume_from,
                             resume_changes=resume_changes)
     finally:
         tracker.close()
@@ -271,9 +196,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         "parameters": total,
         "precision": {"requested": requested_precision, "resolved": cfg.train.precision},
         "trainable_parameters": trainable,
-        "data": {"train": asdict(splits.report), "val": asdict(splits.val_report) if splits.val_report else None},
+        "data": {"train": asdict(data.report), "val": asdict(data.val_report) if data.val_report else None},
     }
-    write_run_record(run_dir, config_dict, stats, files)
+    write_run_record(run_dir, config_dict, stats, data.files)
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png",
                      title=f"{cfg.task.name} | {model_label(cfg)} | {run_dir.name}")
     print(f"[soup] run dir: {run_dir}")

@@ -1,9 +1,17 @@
-"""The interface between the loop and a task."""
+"""The interface between the entry point, the loop and a task.
+
+soup/train.py reads the same for every task: the task builds its data
+(`build_data`), then, once the model exists, anything else it trains with
+(`setup`: a reference model, a reward model); the loop calls `units`, `begin_step`
+and `forward`. A new task (grpo, reward_model, ...) adds a Task subclass and a line
+in soup/tasks/__init__.py, not a branch in train.py.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -20,6 +28,29 @@ class TaskOutput:
     metric_counts: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class TaskData:
+    """What a task trains and evaluates on.
+
+    train: the items the sampler draws micro-batches from (examples, or packed rows).
+    collate: a list of items -> a batch of tensors; eval_collate: the same for `val`
+    (None: collate). sampler: None for shuffled micro-batches of train.micro_batch_size.
+    files: the data files read (hashed into run.json); reports: asdict-able summaries
+    for run.json; chat_template: the template the data was rendered with (saved with the
+    tokenizer); lines: what the run log says about the data."""
+
+    train: list
+    val: list | None
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    files: list[str]
+    report: Any
+    val_report: Any = None
+    eval_collate: Callable[[list], dict[str, torch.Tensor]] | None = None
+    sampler: Any = None
+    chat_template: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+
 class Task(ABC):
     """`units(batch)` is known before the forward pass, so the loop can normalise the
     loss over every micro-batch of an optimizer step exactly."""
@@ -32,6 +63,15 @@ class Task(ABC):
     @abstractmethod
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many loss units (trained tokens, pairs, ...) this micro-batch holds."""
+
+    @abstractmethod
+    def build_data(self, cfg, tokenizer) -> TaskData:
+        """Read, tokenize and arrange this task's data (cfg: the whole run config)."""
+
+    def setup(self, model: torch.nn.Module, cfg, data: TaskData, device: torch.device, autocast) -> list[str]:
+        """Build what the task needs besides the policy (a reference, a reward model); return
+        log lines. Runs after PEFT and before the memory features wrap the model."""
+        return []
 
     def begin_step(self, step: int, total_steps: int, epoch: float, model: torch.nn.Module) -> None:
         """Called before optimizer step `step` (0-based): schedules that move with the run."""

@@ -16,6 +16,7 @@ import torch
 
 from soup.data.collate import add_ref_logps, collate_pairs, collate_unpaired
 from soup.data.packing import MASK_ATTN_IMPLEMENTATIONS
+from soup.data.preference import build_preference_datasets
 from soup.data.shared_prompt import collate_shared_prompt, units_in
 from soup.losses.preference import PairedLogps, chosen_nll
 from soup.losses.registry import LossSpec, get_loss
@@ -26,7 +27,7 @@ from soup.models.reference import (
     attach_reference_logps,
     weights_fingerprint,
 )
-from soup.tasks.base import Task, TaskOutput
+from soup.tasks.base import Task, TaskData, TaskOutput
 from soup.tasks.logps import sequence_logps
 
 # Which registered loss each task trains; task=dpo reads task.loss_type, task=preference
@@ -117,8 +118,28 @@ class PreferenceTask(Task):
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, model: torch.nn.Module, peft_name: str, splits, collate, batch_size: int,
-              device: torch.device, precision: str, autocast) -> str:
+    def build_data(self, cfg, tokenizer) -> TaskData:
+        splits = build_preference_datasets(cfg.data, tokenizer, "unpaired" if self.unpaired else "paired", cfg.seed)
+        layout = resolve_sequence_layout(cfg.task, cfg.model.attn_implementation, cfg.kernels.name)
+        collate_rows = preference_collate(self.unpaired, layout, cfg.model.attn_implementation)
+
+        def collate(examples):
+            return collate_rows(examples, tokenizer.pad_token_id)
+
+        lines = [f"sequence layout: {layout}" + (" (each prompt forwarded once; units packed into rows)"
+                                                 if layout == "shared_prompt" else ""), splits.report.summary()]
+        if splits.val_report is not None:
+            lines.append(splits.val_report.summary())
+        return TaskData(train=splits.train, val=splits.val, collate=collate, files=splits.files,
+                        report=splits.report, val_report=splits.val_report, chat_template=splits.chat_template,
+                        lines=lines)
+
+    def setup(self, model: torch.nn.Module, cfg, data: TaskData, device: torch.device, autocast) -> list[str]:
+        return [self.build_reference(model, cfg.peft.name, data, data.collate, cfg.train.eval_batch_size, device,
+                                     cfg.train.precision, autocast)]
+
+    def build_reference(self, model: torch.nn.Module, peft_name: str, splits, collate, batch_size: int,
+                        device: torch.device, precision: str, autocast) -> str:
         """Build the reference (and precompute its log-probs when asked). Returns a log line."""
         self.strategy = reference_strategy(self.cfg, peft_name, self.needs_reference)
         if self.strategy == "none":

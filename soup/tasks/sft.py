@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from soup.losses.sft import count_trained_tokens
-from soup.tasks.base import Task, TaskOutput
+from soup.tasks.base import Task, TaskData, TaskOutput
 from soup.tasks.logps import head_logits, labelled_hidden_states
+from soup.tasks.token_data import build_token_data
 
 
 class SFTTask(Task):
@@ -23,6 +24,9 @@ class SFTTask(Task):
         super().__init__(task_cfg)
         self.cut_ce = kernels_cfg.cut_ce if kernels_cfg is not None else "off"
         self.chunk_size = kernels_cfg.ce_chunk_size if kernels_cfg is not None else 512
+
+    def build_data(self, cfg, tokenizer) -> TaskData:
+        return build_token_data(cfg, tokenizer)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return count_trained_tokens(batch["labels"])

@@ -72,7 +72,7 @@ def test_copy_adapter_and_precomputed_references_agree_and_give_the_same_dpo_los
     }
     ref_logps, losses = {}, {}
     for name, (task, policy, peft_name) in tasks.items():
-        line = task.setup(policy, peft_name, splits[name], collate, 2, CPU, "fp32", contextlib.nullcontext)
+        line = task.build_reference(policy, peft_name, splits[name], collate, 2, CPU, "fp32", contextlib.nullcontext)
         assert line.startswith(f"reference: {name}")
         batch = collate(splits[name].train)
         ref_logps[name] = batch["ref_logps"] if name == "precomputed" else task.reference.logps(batch)

@@ -67,7 +67,7 @@ def unpaired_rows(with_reference: bool = True):
 
 def build_reference(task, model, rows, peft_name="none") -> str:
     """Build the task's reference as the run does (no precompute, so no collate needed)."""
-    return task.setup(model, peft_name, SimpleNamespace(train=rows, val=None), None, 2, CPU, "fp32", contextlib.nullcontext)
+    return task.build_reference(model, peft_name, SimpleNamespace(train=rows, val=None), None, 2, CPU, "fp32", contextlib.nullcontext)
 
 
 def policy_logps(model, batch):
