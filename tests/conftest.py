@@ -42,7 +42,7 @@ def run_cli(*overrides: str, cwd: Path = REPO_ROOT, timeout: float = 300, check:
 
 
 # Optional packages the suite may meet missing (an install without the `dev` extra).
-OPTIONAL_MODULES = {"bitsandbytes", "schedulefree", "galore_torch", "torchao", "tensorboard", "wandb", "scipy",
+OPTIONAL_MODULES = {"jsonschema", "bitsandbytes", "schedulefree", "galore_torch", "torchao", "tensorboard", "wandb", "scipy",
                     "submitit", "cut_cross_entropy", "liger_kernel", "flash_attn", "deepspeed", "trl"}
 _EXTRA_HINT = re.compile(r"pip install 'soup-harness\[(\w+)\]'")
 
