@@ -1,121 +1,234 @@
-"""Reward functions by name, a custom one from a .py file, and their weighted sum.
+"""Rewards by name: the task asks for `task.reward` names and never branches on them.
 
-A reward takes the completions (text) and the row's other columns, one value per
-completion, and returns one float per completion, or None where it does not apply:
+A reward scores completions (text) using the row's other columns, which arrive as keyword
+lists with one value per completion, and returns one float per completion, or None where it
+does not apply (the row has no answer, say):
 
-    @register_reward("my_reward", columns=("answer",))
-    def my_reward(completions: list[str], *, answer: list[str], **_) -> list[float | None]:
+    @register_reward("my_reward", columns=("answer",), params=("strict",))
+    def my_reward(completions: list[str], *, answer: list[str | None], strict: bool = False) -> list[float | None]:
         \"\"\"One line: what it rewards. ...\"\"\"
 
-`columns` are the row columns it needs: the data is checked for them before any
-generation. A custom reward is a file the user names (`reward_fn(completions, **columns)`
-in it); soup never imports a name it finds in data.
+- `columns`: the row columns it reads. The data is checked for them before any generation
+  (`required_columns`), and a run can rename one with a `<column>_column` param: accuracy
+  with `answer_column="solution"` reads the `solution` column as its `answer`.
+- `params`: its settings, keyword-only with defaults. `get_reward(name, **params)` binds
+  them and refuses any it does not declare, as the losses do. A registered reward receives
+  only its declared columns and params, so a data column can never set a param.
+- It may return `RewardOutput(values, counts)` instead of a list, to report counts for the
+  log (the code reward counts timeouts and crashes); `score` collects them.
+
+A custom reward is a Python file the user names (`task.reward=[path/to/my_reward.py]`)
+that defines `reward_fn(completions, **columns)`; it receives every column. soup imports
+only files named in the config, never a name it finds in data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import math
+import inspect
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from soup.errors import ConfigError, SoupError
 
-RewardFn = Callable[..., list]
+RewardFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class RewardOutput:
+    """What a reward may return instead of a plain list.
+
+    values: one float (or None: not applicable) per completion.
+    counts: events to log for this call, e.g. {"timeout": 1, "crashed": 0}; `score` names
+      them "<reward>/<key>".
+    """
+
+    values: list[float | None]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class RewardError(SoupError):
+    """A reward failed or returned something unusable.
+
+    reward: its name. index: the completion it is about, or None when the whole call failed;
+    the caller knows which data row produced that completion and can prefix file:line.
+    """
+
+    def __init__(self, message: str, *, reward: str, index: int | None = None):
+        super().__init__(message)
+        self.reward, self.index = reward, index
 
 
 @dataclass(frozen=True)
 class RewardSpec:
+    """One registered reward.
+
+    name: the registry key (an entry of `task.reward`).
+    fn: `fn(completions, *, <columns>, <params>) -> list[float | None] | RewardOutput`.
+    columns: the row columns it reads, under the keyword names fn takes.
+    doc: the first line of fn's docstring, for listings.
+    params: its keyword-only settings; each has a default in fn's signature.
+    check: `check(**params)` raises ConfigError for a bad setting; run when a reward is bound.
+    """
+
     name: str
     fn: RewardFn
     columns: tuple[str, ...]
     doc: str
+    params: tuple[str, ...] = ()
+    check: Callable[..., None] | None = None
+
+    def defaults(self) -> dict[str, Any]:
+        """Each declared param's default, e.g. {"timeout_s": 5.0}."""
+        signature = inspect.signature(self.fn)
+        return {name: signature.parameters[name].default for name in self.params}
+
+    def column_names(self, **params: Any) -> dict[str, str]:
+        """{keyword fn takes: data column it reads}, after any `<column>_column` rename."""
+        return {column: params.get(f"{column}_column", column) for column in self.columns}
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward ready to score: `reward(completions, **columns)` -> values (or RewardOutput).
+
+    columns: the data columns it needs (empty for a custom file, which gets them all).
+    fn: the same call, `fn(completions, **columns)`: it takes every column of the rows and
+      passes on only those the reward reads, with its params bound.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    fn: RewardFn = field(repr=False)
+    doc: str = ""
+
+    def __call__(self, completions: list[str], **columns: list[Any]) -> Any:
+        return self.fn(completions, **columns)
 
 
 REWARDS: dict[str, RewardSpec] = {}
 
 
-def register_reward(name: str, columns: tuple[str, ...] = ()):
+def register_reward(name: str, *, columns: tuple[str, ...] = (), params: tuple[str, ...] = (),
+                    check: Callable[..., None] | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: add `fn` to REWARDS under `name`; returns fn unchanged.
+
+    Checked at import, so a broken registration fails every test run: the name is new, fn
+    has a docstring, and every column and param is a keyword-only parameter of fn (params
+    with a default). `check(**params)`, if given, runs when a run binds the reward, to refuse
+    a bad setting (an invalid regex, say) before any generation.
+    """
+
     def decorate(fn: RewardFn) -> RewardFn:
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        REWARDS[name] = RewardSpec(name, fn, tuple(columns), doc)
+        if name in REWARDS:
+            raise ValueError(f"reward '{name}' is already registered (by {REWARDS[name].fn.__module__}."
+                             f"{REWARDS[name].fn.__qualname__}); pick another name")
+        doc = inspect.getdoc(fn)
+        if not doc:
+            raise ValueError(f"reward '{name}' ({fn.__qualname__}) needs a docstring: what it rewards, and how")
+        keyword_only = {p.name: p for p in inspect.signature(fn).parameters.values()
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        missing = [c for c in (*columns, *params) if c not in keyword_only]
+        no_default = [p for p in params if p in keyword_only and keyword_only[p].default is inspect.Parameter.empty]
+        if missing or no_default:
+            raise ValueError(f"reward '{name}': {missing or no_default} must be keyword-only parameters of "
+                             f"{fn.__qualname__}" + (" with defaults" if no_default else ""))
+        REWARDS[name] = RewardSpec(name=name, fn=fn, columns=tuple(columns), doc=doc.splitlines()[0],
+                                   params=tuple(params), check=check)
         return fn
 
     return decorate
 
 
-def get_reward(name: str) -> RewardSpec:
-    """A registered reward, or one from a `.py` file path."""
-    from soup.rewards import builtin  # noqa: F401  (registers the built-in rewards)
+def get_reward(name: str, **params: Any) -> Reward:
+    """The reward `name` with `params` bound: a registered name, or a path ending in .py.
 
+    ConfigError for an unknown name, a param the reward does not take, or a bad setting.
+    """
     if name.endswith(".py"):
-        return RewardSpec(name, load_reward_file(name), (), f"custom reward from {name}")
-    if name not in REWARDS:
-        raise ConfigError(f"task.reward: no reward named {name!r}; registered: {', '.join(sorted(REWARDS))}, "
-                          "or a path to a .py file defining reward_fn(completions, **columns).")
-    return REWARDS[name]
+        if params:
+            raise ConfigError(f"task.reward={name}: a custom reward file takes no params (got {', '.join(params)}).\n"
+                              "  fix: read settings inside reward_fn, or drop the params.")
+        return Reward(name=name, columns=(), fn=load_reward_file(name), doc=f"custom reward from {name}")
+    spec = get_spec(name)
+    renames = {f"{column}_column" for column in spec.columns}
+    unknown = sorted(set(params) - set(spec.params) - renames)
+    if unknown:
+        accepted = ", ".join((*spec.params, *sorted(renames))) or "(none)"
+        raise ConfigError(f"reward '{name}' does not take parameter(s) {', '.join(unknown)}; it accepts: {accepted}."
+                          "\n  fix: remove the setting(s) or pick a reward that uses them.")
+    settings = {key: value for key, value in params.items() if key in spec.params}
+    if spec.check is not None:
+        spec.check(**settings)
+    names = spec.column_names(**params)
+
+    def call(completions: list[str], **columns: list[Any]) -> Any:
+        for keyword, column in names.items():
+            if column not in columns:
+                raise SoupError(f"reward '{name}' needs the column '{column}', which these rows do not have.\n"
+                                f"  fix: add '{column}' to every row, or set {name}'s {keyword}_column to the "
+                                "column that holds it.")
+        return spec.fn(completions, **{keyword: columns[column] for keyword, column in names.items()}, **settings)
+
+    return Reward(name=name, columns=tuple(names.values()), fn=call, doc=spec.doc)
 
 
-def load_reward_file(path: str) -> RewardFn:
-    """reward_fn from the Python file at `path` (the user's own code, named explicitly)."""
+def get_spec(name: str) -> RewardSpec:
+    """The spec registered under `name`; ConfigError listing the valid names otherwise."""
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ConfigError(f"no reward named '{name}'.\n  fix: use one of: {', '.join(reward_names())}, "
+                          "or the path of a .py file that defines reward_fn(completions, **columns).") from None
+
+
+def reward_names() -> list[str]:
+    """Sorted registry keys."""
+    return sorted(REWARDS)
+
+
+def required_columns(name: str, **params: Any) -> tuple[str, ...]:
+    """The row columns reward `name` (with these params) reads, for the data check before any
+    generation; () for a custom .py reward, which gets whatever the rows have."""
+    if name.endswith(".py"):
+        return ()
+    spec = get_spec(name)
+    return tuple(spec.column_names(**params).values())
+
+
+def load_reward_file(path: str | Path) -> RewardFn:
+    """`reward_fn` from the Python file at `path`: the user's own code, named in their config.
+
+    The file runs once, as a module of its own (not importable by name elsewhere).
+    ConfigError when the file is missing, fails to import, or defines no callable reward_fn.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"task.reward={path}: no such file (resolved to {file.resolve()}).\n"
-                          "  fix: name a .py file that defines reward_fn(completions, **columns) -> list[float].")
-    spec = importlib.util.spec_from_file_location(f"soup_custom_reward_{file.stem}", file)
+        raise ConfigError(f"task.reward={path}: no such file (looked for {file.resolve()}).\n"
+                          "  fix: give the path of a .py file that defines reward_fn(completions, **columns).")
+    # A name unique to the file's path: two reward files may share a stem.
+    module_name = f"soup_reward_{file.stem}_{hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up here
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ConfigError(f"task.reward={path}: importing it failed ({type(exc).__name__}: {exc}).\n"
-                          "  fix: make the file import on its own (python that_file.py).") from exc
-    fn = getattr(module, "reward_fn", None)
-    if not callable(fn):
+        del sys.modules[module_name]
+        raise ConfigError(f"task.reward={path}: importing it raised {type(exc).__name__}: {exc}\n"
+                          f"  fix: make the file import on its own (python {path}).") from exc
+    reward_fn = getattr(module, "reward_fn", None)
+    if not callable(reward_fn):
         raise ConfigError(f"task.reward={path}: the file defines no reward_fn.\n"
-                          "  fix: define reward_fn(completions, **columns) -> list[float], one per completion.")
-    return fn
+                          "  fix: define reward_fn(completions, **columns) -> list[float], one value per completion.")
+    return reward_fn
 
 
-@dataclass
-class Scores:
-    """total: the weighted sum per completion (a None counts as 0); per_reward: each
-    reward's values (None where it did not apply), for its own mean and std."""
-
-    total: list[float]
-    per_reward: dict[str, list[float | None]] = field(default_factory=dict)
-
-
-def score(rewards: list[tuple[RewardSpec, float]], completions: list[str], columns: dict[str, list[Any]]) -> Scores:
-    """Every reward on every completion, checked, and their weighted sum."""
-    total = [0.0] * len(completions)
-    per_reward = {}
-    for spec, weight in rewards:
-        try:
-            values = spec.fn(completions, **columns)
-        except Exception as exc:
-            raise SoupError(f"reward {spec.name!r} raised {type(exc).__name__}: {exc}\n"
-                            "  fix: make the reward return a value (or None) for every completion.") from exc
-        checked = _checked(spec.name, values, len(completions))
-        per_reward[spec.name] = checked
-        for i, value in enumerate(checked):
-            total[i] += weight * (value or 0.0)
-    return Scores(total, per_reward)
-
-
-def _checked(name: str, values: Any, expected: int) -> list[float | None]:
-    fix = f"  fix: reward {name!r} must return one float (or None) per completion."
-    if not isinstance(values, (list, tuple)) or len(values) != expected:
-        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-        raise SoupError(f"reward {name!r} returned {got} for {expected} completions.\n{fix}")
-    checked = []
-    for i, value in enumerate(values):
-        if value is None:
-            checked.append(None)
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SoupError(f"reward {name!r} returned {value!r} ({type(value).__name__}) for completion {i}.\n{fix}")
-        if not math.isfinite(value):
-            raise SoupError(f"reward {name!r} returned {value} for completion {i}.\n{fix}")
-        checked.append(float(value))
-    return checked
+# The built-in rewards register themselves when their module is imported; importing it here
+# (after register_reward exists, so the cycle resolves) makes REWARDS complete whichever
+# module a caller imports first. `score` lives in combine.py; it is importable from here too.
+from soup.rewards import builtin as _builtin  # noqa: E402,F401
+from soup.rewards.combine import score  # noqa: E402,F401
