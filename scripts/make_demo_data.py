@@ -116,6 +116,19 @@ def preference_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+def prompt_rows(rng: random.Random) -> list[dict]:
+    """Prompts with a checkable answer, for online RL (task=grpo): sums and capitals."""
+    rows = []
+    for _ in range(160):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        rows.append({"prompt": [{"role": "user", "content": f"Add {a} and {b}. Answer with the number."}],
+                     "answer": str(a + b)})
+    for country, city in CAPITALS.items():
+        rows.append({"prompt": [{"role": "user", "content": f"What is the capital of {country}?"}], "answer": city})
+    rng.shuffle(rows)
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict], max_row_bytes: int = MAX_ROW_BYTES) -> None:
     lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
     too_long = [line for line in lines if len(line.encode()) > max_row_bytes]
@@ -129,6 +142,7 @@ def main() -> None:
     write_jsonl(OUT_DIR / "sft.jsonl", sft_rows(random.Random(0)))
     write_jsonl(OUT_DIR / "pretrain.jsonl", pretrain_rows(random.Random(1)))
     write_jsonl(OUT_DIR / "preference.jsonl", preference_rows(random.Random(2)), max_row_bytes=320)
+    write_jsonl(OUT_DIR / "grpo.jsonl", prompt_rows(random.Random(3)))
 
 
 if __name__ == "__main__":

@@ -245,7 +245,9 @@ def train_loop(
                 n_micro = min(n_micro, total_micro_batches - consumed_micro)
             step_start = time.perf_counter()
             task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, model)
-            micro_batches = [collate([train_examples[i] for i in sampler.next_batch()]) for _ in range(n_micro)]
+            micro_rows = [[train_examples[i] for i in sampler.next_batch()] for _ in range(n_micro)]
+            # Offline tasks collate the rows; grpo's experience phase (rollouts, rewards) runs here.
+            micro_batches = task.prepare_step(micro_rows, collate, model, step)
             consumed_micro += n_micro
             step_units = sum(task.units(b) for b in micro_batches)
             if step_units == 0:

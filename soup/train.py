@@ -111,7 +111,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         resume_changes = resume_config_changes(cfg, resume_from)
 
     tokenizer = build_tokenizer(cfg.model)
-    task = build_task(cfg.task, cfg.kernels)
+    task = build_task(cfg, tokenizer)
     data = task.build_data(cfg, tokenizer)
     for line in data.lines:
         print(f"[soup] {line}")

@@ -72,6 +72,38 @@ class PreferenceTaskConfig(TaskConfig):
 
 
 @dataclass
+class GRPOTaskConfig(TaskConfig):
+    """Online RL (task=grpo): sample num_generations completions per prompt from the policy,
+    score them with `reward`, and optimise a GRPO-family objective (soup/losses/grpo.py,
+    soup/tasks/grpo.py). Names follow TRL's GRPOConfig."""
+
+    # Reward functions: registered names (accuracy, math, format, code, json_schema) or paths
+    # to .py files defining reward_fn(completions, **columns); `reward_weights` one weight each.
+    reward: Any = field(default_factory=lambda: ["accuracy"])
+    reward_weights: Any = None
+    num_generations: int = 4
+    max_completion_length: int = 64
+    # Sampling: temperature 0 is greedy (then every completion of a group is the same: no signal).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    # grpo | bnpo | dr_grpo | dapo: how token losses are averaged (soup/losses/grpo.py).
+    # The clip settings (epsilon, epsilon_high, delta, sequence-level ratios, cispo) act only
+    # when a batch is trained on more than once; they arrive with task.num_iterations.
+    loss_type: str = "dapo"
+    # group | batch | none: the std that divides the group-centred rewards (none: Dr. GRPO).
+    scale_rewards: str = "group"
+    # KL to the reference (k3); 0 builds no reference.
+    beta: float = 0.0
+    # The format reward's regex: <think>...</think> then an answer.
+    format_pattern: str = r"^\s*<think>.*?</think>\s*\S.*$"
+    # The row column the accuracy and math rewards compare with.
+    answer_column: str = "answer"
+
+
+@dataclass
 class TinyArchConfig:
     """Shape of the Llama-architecture model that `model=tiny` builds from scratch."""
 
@@ -395,3 +427,4 @@ def register_configs() -> None:
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
     cs.store(group="task", name="preference_schema", node=PreferenceTaskConfig)
+    cs.store(group="task", name="grpo_schema", node=GRPOTaskConfig)

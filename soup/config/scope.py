@@ -99,6 +99,8 @@ def loss_param(field_name: str) -> Scope:
     from soup.losses.registry import LOSSES
 
     def applies(cfg: DictConfig) -> bool:
+        if cfg.task.name == "grpo":  # its schema holds only what it reads (beta among these)
+            return True
         specs = preference_losses(cfg)
         return specs is None or any(field_name in spec.params for spec in specs)
 
@@ -117,11 +119,14 @@ def uses_reference_copy(cfg: DictConfig) -> bool:
 
 
 def has_val_data(cfg: DictConfig) -> bool:
-    return bool(cfg.data.val_file) or cfg.data.val_split > 0
+    return cfg.task.name != "grpo" and (bool(cfg.data.val_file) or cfg.data.val_split > 0)
 
 
-VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_file)",
-                 lambda cfg: "no validation data: data.val_split=0 and no data.val_file")
+VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_file) in an offline task",
+                 lambda cfg: "task=grpo does not evaluate yet" if cfg.task.name == "grpo" else
+                 "no validation data: data.val_split=0 and no data.val_file")
+OFFLINE = Scope(lambda cfg: cfg.task.name != "grpo", "an offline task (every task but grpo)",
+                lambda cfg: "task=grpo does not evaluate yet")
 
 
 FRESH_RUN = Scope(lambda cfg: cfg.resume is None, "a fresh run (resume=null)",
@@ -144,7 +149,9 @@ def _build_scopes() -> dict[str, Scope]:
         # data
         "data.train_file": choice("data.name", "file"),
         "data.format": token_task,  # preference rows are recognised by their fields
-        "data.chat_template": choice("task.name", "sft", *PREFERENCE_TASKS),
+        "data.chat_template": choice("task.name", "sft", "grpo", *PREFERENCE_TASKS),
+        "data.val_split": OFFLINE,
+        "data.val_file": OFFLINE,
         "data.train_on_responses_only": choice("task.name", "sft"),
         "data.text_field": choice("task.name", "pretrain"),
         "data.packing": token_task,
@@ -179,7 +186,12 @@ def _build_scopes() -> dict[str, Scope]:
         # task (preference)
         "task.preference_loss": choice("task.name", "preference"),
         "task.preference_loss_weights": choice("task.name", "preference"),
-        "task.loss_type": choice("task.name", "dpo"),
+        "task.loss_type": choice("task.name", "dpo", "grpo"),
+        # task=grpo
+        "task.format_pattern": Scope(lambda c: "format" in list(c.task.reward), "task.reward with format",
+                                     lambda c: f"task.reward={list(c.task.reward)}"),
+        "task.answer_column": Scope(lambda c: bool({"accuracy", "math"} & set(c.task.reward)),
+                                    "task.reward with accuracy or math", lambda c: f"task.reward={list(c.task.reward)}"),
         "task.rpo_alpha": choice("task.name", "dpo", "preference"),
         "task.beta_schedule": loss_param("beta"),
         "task.beta_end": choice("task.beta_schedule", "linear", "cosine", "exponential"),

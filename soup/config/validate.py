@@ -16,7 +16,7 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS)
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -97,6 +97,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
     problems.extend(unread_fields(cfg, overrides))
     if cfg.task.name in PREFERENCE_TASKS:
         _check_preference(cfg, need)
+    if cfg.task.name == "grpo":
+        _check_grpo(cfg, need)
     _check_model(cfg, need)
     _check_data(cfg, need)
     _check_train(cfg, need)
@@ -311,6 +313,48 @@ def _check_optim(cfg: DictConfig, need) -> None:
     if cfg.tracker.name == "wandb":
         need(cfg.tracker.mode in ("offline", "online", "disabled"),
              "tracker.mode must be offline, online or disabled.")
+
+
+def _check_grpo(cfg: DictConfig, need) -> None:
+    from soup.losses.grpo import LOSS_TYPES, SCALES
+
+    task = cfg.task
+    one = "task=grpo"
+    need(task.loss_type in LOSS_TYPES, f"{one}: task.loss_type={task.loss_type!r}; valid: {', '.join(LOSS_TYPES)}.")
+    need(task.scale_rewards in SCALES, f"{one}: task.scale_rewards={task.scale_rewards!r}; valid: {', '.join(SCALES)}.")
+    need(task.num_generations >= 2, f"{one}: task.num_generations must be at least 2 (a group needs two "
+                                    f"completions to compare; got {task.num_generations}).")
+    need(task.max_completion_length >= 1, f"{one}: task.max_completion_length must be at least 1.")
+    need(task.max_completion_length < cfg.data.max_length,
+         f"{one}: task.max_completion_length={task.max_completion_length} leaves no room for the prompt in "
+         f"data.max_length={cfg.data.max_length}; raise data.max_length.")
+    need(task.temperature > 0, f"{one}: task.temperature must be > 0: at 0 every completion of a group is the "
+                               "same, so every advantage is 0 and nothing trains.")
+    need(0 < task.top_p <= 1, f"{one}: task.top_p must be in (0, 1] (got {task.top_p}).")
+    need(task.top_k >= 0, f"{one}: task.top_k must be >= 0 (0: off).")
+    need(0 <= task.min_p < 1, f"{one}: task.min_p must be in [0, 1) (got {task.min_p}).")
+    need(task.repetition_penalty > 0, f"{one}: task.repetition_penalty must be > 0 (1: off).")
+    need(task.beta >= 0, f"{one}: task.beta must be >= 0.")
+    rewards = list(task.reward) if OmegaConf.is_list(task.reward) else None
+    need(bool(rewards), f"{one}: task.reward must be a non-empty list, e.g. task.reward=[accuracy,format].")
+    if rewards:
+        from soup.rewards import get_reward
+        from soup.tasks.grpo import reward_params
+
+        for name in rewards:
+            try:
+                get_reward(str(name), **reward_params(str(name), task))
+            except ConfigError as exc:
+                need(False, str(exc))
+        weights = task.reward_weights
+        need(weights is None or (OmegaConf.is_list(weights) and len(weights) == len(rewards)),
+             f"{one}: task.reward_weights needs one weight per reward ({len(rewards)}), e.g. "
+             f"[{','.join(['1.0'] * len(rewards))}].")
+    # What the first version of the experience phase runs on; the rest is refused, not ignored.
+    for group, value in (("kernels", cfg.kernels.name), ("checkpointing", cfg.checkpointing.name),
+                         ("offload", cfg.offload.name), ("quant", cfg.quant.name)):
+        need(value == "none", f"{one} with {group}={value}: rollouts run on the plain (or adapter) model "
+                              f"for now; use {group}=none.")
 
 
 def _check_preference(cfg: DictConfig, need) -> None:

@@ -6,19 +6,24 @@ A task knows its batch shape and loss; it knows nothing of optimisers or the loo
 from __future__ import annotations
 
 from soup.tasks.base import Task, TaskOutput
+from soup.tasks.grpo import GRPOTask
 from soup.tasks.preference import PreferenceTask
 from soup.tasks.pretrain import PretrainTask
 from soup.tasks.sft import SFTTask
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask,
+TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask, "grpo": GRPOTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 
-def build_task(task_cfg, kernels_cfg=None) -> Task:
-    if TASKS[task_cfg.name] in (SFTTask, PretrainTask):
-        return TASKS[task_cfg.name](task_cfg, kernels_cfg)
-    return TASKS[task_cfg.name](task_cfg)
+def build_task(cfg, tokenizer) -> Task:
+    """The task `cfg.task.name` names, built from the whole run config."""
+    task_class = TASKS[cfg.task.name]
+    if task_class in (SFTTask, PretrainTask):
+        return task_class(cfg.task, cfg.kernels)
+    if task_class is GRPOTask:
+        return GRPOTask.from_config(cfg, tokenizer)
+    return task_class(cfg.task)
 
 
-__all__ = ["PREFERENCE_TASKS", "TASKS", "PreferenceTask", "SFTTask", "Task", "TaskOutput", "build_task"]
+__all__ = ["PREFERENCE_TASKS", "TASKS", "GRPOTask", "PreferenceTask", "SFTTask", "Task", "TaskOutput", "build_task"]

@@ -73,6 +73,11 @@ class Task(ABC):
         log lines. Runs after PEFT and before the memory features wrap the model."""
         return []
 
+    def prepare_step(self, micro_rows: list[list], collate, model: torch.nn.Module, step: int) -> list[dict]:
+        """The micro-batches optimizer step `step` trains on, from the rows the sampler drew for it.
+        Offline tasks collate them; an online task (grpo) generates and scores completions here."""
+        return [collate(rows) for rows in micro_rows]
+
     def begin_step(self, step: int, total_steps: int, epoch: float, model: torch.nn.Module) -> None:
         """Called before optimizer step `step` (0-based): schedules that move with the run."""
 

@@ -16,23 +16,26 @@ One optimizer step on a batch of P prompts:
 With one pass per generation batch the "old" policy is the current one, so old log-probs
 are the current ones detached (ratio 1 on the first and only pass), as in GRPO with mu = 1.
 
-Status (issue 11): this module, the objectives, the rollout engine and the rewards are
-tested together (tests/integration/test_grpo_learns.py); wiring `task=grpo` into the
-config schema and the loop's experience phase is the next step.
+The loop calls prepare_step with the prompt rows its sampler drew for the step
+(train.micro_batch_size prompts per micro-batch), so experience happens inside the one
+loop; each training micro-batch holds those prompts' num_generations completions.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from soup.losses.grpo import group_advantages, loss_units, policy_loss, reduce_loss, zero_std_groups
-from soup.rewards.registry import RewardSpec, score
+from soup.rewards import score
 from soup.rollout.engine import SamplingParams, sample
 from soup.tasks.base import Task, TaskData, TaskOutput
 from soup.tasks.logps import final_hidden_states, head_logits
+from soup.tasks.prompts import build_prompt_data, stop_token_ids
 
 
 @dataclass
@@ -59,15 +62,42 @@ class Experience:
 
 
 class GRPOTask(Task):
-    def __init__(self, settings: GRPOSettings, rewards: list[tuple[RewardSpec, float]], tokenizer,
+    def __init__(self, settings: GRPOSettings, rewards: list[tuple], tokenizer,
                  stop_ids: set[int]):
         super().__init__(settings)
         self.settings, self.rewards, self.tokenizer, self.stop_ids = settings, rewards, tokenizer, stop_ids
         self.unit_name = "tokens" if settings.loss_type == "dapo" else "completions"
         self.reference: torch.nn.Module | None = None
+        self._step_metrics: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> "GRPOTask":
+        from soup.rewards.registry import get_reward
+
+        t = cfg.task
+        sampling = SamplingParams(max_completion_length=t.max_completion_length, temperature=t.temperature,
+                                  top_p=t.top_p, top_k=t.top_k, min_p=t.min_p, repetition_penalty=t.repetition_penalty)
+        settings = GRPOSettings(sampling, num_generations=t.num_generations, loss_type=t.loss_type,
+                                scale_rewards=t.scale_rewards, beta=t.beta, seed=cfg.seed,
+                                micro_batch_size=cfg.train.micro_batch_size * t.num_generations)
+        names = [str(name) for name in t.reward]
+        weights = list(t.reward_weights) if t.reward_weights is not None else [1.0] * len(names)
+        rewards = [(get_reward(name, **reward_params(name, t)), float(w)) for name, w in zip(names, weights)]
+        return cls(settings, rewards, tokenizer, stop_token_ids(tokenizer))
 
     def build_data(self, cfg, tokenizer) -> TaskData:
-        raise NotImplementedError("task=grpo reads prompt files once it is wired into the config (issue 11)")
+        data = build_prompt_data(cfg, tokenizer, self.rewards)
+        names = ", ".join(f"{spec.name} x {weight:g}" for spec, weight in self.rewards)
+        data.lines.append(f"grpo: {self.settings.num_generations} completions per prompt of <= "
+                          f"{self.settings.sampling.max_completion_length} tokens, rewards {names}, loss "
+                          f"{self.settings.loss_type}, beta {self.settings.beta:g}")
+        return data
+
+    def prepare_step(self, micro_rows: list[list], collate, model: torch.nn.Module, step: int) -> list[dict]:
+        """Experience for this step: every micro-batch's prompts, sampled and scored together."""
+        experience = self.make_experience(model, [row for rows in micro_rows for row in rows], step)
+        self._step_metrics = experience.metrics
+        return experience.batches
 
     def setup(self, model, cfg=None, data=None, device=None, autocast=None) -> list[str]:
         if not self.settings.beta:
@@ -82,15 +112,18 @@ class GRPOTask(Task):
     def make_experience(self, model: torch.nn.Module, rows: list[dict], step: int) -> Experience:
         """Sample, score and batch the completions of `rows` (each: prompt_ids plus reward columns)."""
         s, group = self.settings, self.settings.num_generations
+        started = time.perf_counter()
         prompts = [row["prompt_ids"] for row in rows for _ in range(group)]
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed * 1_000_003 + step)
         rollout = sample(model, prompts, s.sampling, pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
                          generator=generator)
+        rollout_s = time.perf_counter() - started
         texts = self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask,
                                             skip_special_tokens=True)
         columns = {key: [row[key] for row in rows for _ in range(group)]
                    for key in rows[0] if key != "prompt_ids"}
         scores = score(self.rewards, texts, columns)
+        scoring_s = time.perf_counter() - started - rollout_s
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         advantages = group_advantages(rewards, group, s.scale_rewards)
 
@@ -111,12 +144,16 @@ class GRPOTask(Task):
             "frac_zero_std_groups": float(zero_std_groups(rewards, group).float().mean()),
             "completion_length": float(lengths.mean()), "completion_length_min": float(lengths.min()),
             "completion_length_max": float(lengths.max()), "truncated": float(rollout.truncated.float().mean()),
+            "time/rollout_s": rollout_s, "time/scoring_s": scoring_s,
+            "rollout_tokens_per_s": float(lengths.sum()) / max(rollout_s, 1e-9),
         }
+        metrics.update({f"rewards/{key}": float(n) for key, n in scores.counts.items()})
         for name, values in scores.per_reward.items():
             applied = torch.tensor([v for v in values if v is not None])
+            label = Path(name).stem if name.endswith(".py") else name  # a custom reward: its file's name
             if applied.numel():
-                metrics[f"rewards/{name}"] = float(applied.mean())
-                metrics[f"rewards/{name}_std"] = float(applied.std()) if applied.numel() > 1 else 0.0
+                metrics[f"rewards/{label}"] = float(applied.mean())
+                metrics[f"rewards/{label}_std"] = float(applied.std()) if applied.numel() > 1 else 0.0
         return Experience(batches, metrics, texts)
 
     def _reference_logps(self, model, batch) -> torch.Tensor:
@@ -148,6 +185,17 @@ class GRPOTask(Task):
                           importance_sampling_level=s.importance_sampling_level, beta=s.beta,
                           ref_logps=batch.get("ref_logps"))
         reduced = reduce_loss(out.per_token, mask, s.loss_type, s.sampling.max_completion_length)
+        # The loop divides each sum by the step's units: weighting by this micro-batch's units
+        # averages the per-token metrics and passes the step's experience metrics through as they are.
         units = reduced.units
-        return TaskOutput(loss_sum=reduced.loss_sum,
-                          metric_sums={key: value * units for key, value in out.metrics.items()})
+        sums = {key: value * units for key, value in {**self._step_metrics, **out.metrics}.items()}
+        return TaskOutput(loss_sum=reduced.loss_sum, metric_sums=sums)
+
+
+def reward_params(name: str, task_cfg) -> dict:
+    """The task settings a built-in reward reads: the answer column, the format regex."""
+    if name in ("accuracy", "math"):
+        return {"answer_column": task_cfg.answer_column}
+    if name == "format":
+        return {"pattern": task_cfg.format_pattern}
+    return {}

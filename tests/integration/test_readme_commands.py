@@ -9,6 +9,7 @@ a new README example must be made runnable here.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -43,12 +44,18 @@ def test_the_readme_has_commands_to_check():
 def test_every_readme_command_runs_as_written(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"Document {i}: the cat sat on mat number {i}.\n" for i in range(40)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i} twice."}) + "\n" for i in range(20)))
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("def reward_fn(completions, **columns):\n    return [len(c) / 10 for c in completions]\n")
     runs: list[Path] = []      # run directories of earlier commands, in order
     adapters: list[Path] = []  # their final/ directories that hold an adapter
 
     # placeholder in a README command -> the real path this test substitutes
     PLACEHOLDERS = {
         "corpus.txt": lambda: str(corpus),
+        "prompts.jsonl": lambda: str(prompts),
+        "my_reward.py": lambda: str(reward),
         "outputs/2026-11-23/12-00-00": lambda: str(runs[0]),
         "outputs/<date>/<time>/final": lambda: str(adapters[-1]),
         "merged/": lambda: str(tmp_path / "merged"),

@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
-from soup.config.schema import GROUP_SCHEMAS, PreferenceTaskConfig, SoupConfig, TrainConfig
+from soup.config.schema import GROUP_SCHEMAS, GRPOTaskConfig, PreferenceTaskConfig, SoupConfig, TrainConfig
 from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
 from soup.errors import ConfigError, SoupError
 
@@ -43,6 +43,10 @@ WIDE = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128"]  # bits
 LORA = ["peft=lora"]
 HF, HF_OTHER, REMOTE, TOKENIZER = "{hf}", "{hf_other}", "{remote}", "{tokenizer}"
 SFT_FILE, TEXT_FILE, DUAL_FILE = "{sft_file}", "{text_file}", "{dual_file}"
+# Online RL on the debug model: a reward that varies with what it writes (its length), so
+# advantages are not all zero and each setting shows in the metrics.
+GRPO = ["task=grpo", "task.reward=[{len_reward}]", "task.num_generations=2", "task.max_completion_length=8",
+        "train.micro_batch_size=2"]
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -70,6 +74,17 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.desirable_weight": (["task=kto"], ["task.desirable_weight=2.0"]),
     "task.undesirable_weight": (["task=kto"], ["task.undesirable_weight=2.0"]),
     "task.sequence_layout": (["task=dpo"], ["task.sequence_layout=stacked"]),
+    "task.reward": (GRPO, ["task.reward=[{len_reward},format]"]),
+    "task.reward_weights": (GRPO, ["task.reward_weights=[3.0]"]),
+    "task.num_generations": (GRPO, ["task.num_generations=3"]),
+    "task.max_completion_length": (GRPO, ["task.max_completion_length=5"]),
+    "task.temperature": (GRPO, ["task.temperature=0.5"]),
+    "task.top_p": (GRPO, ["task.top_p=0.3"]),
+    "task.top_k": (GRPO, ["task.top_k=3"]),
+    "task.min_p": (GRPO, ["task.min_p=0.5"]),
+    "task.repetition_penalty": (GRPO, ["task.repetition_penalty=3.0"]),
+    "task.scale_rewards": (GRPO, ["task.scale_rewards=none"]),
+    "task.format_pattern": ([*GRPO, "task.reward=[{len_reward},format]"], ["task.format_pattern=.*"]),
     # model
     "model.name": ([], ["model=hf", f"model.path={HF}"]),
     "model.path": (["model=hf", f"model.path={HF}"], [f"model.path={HF_OTHER}"]),
@@ -191,13 +206,15 @@ EXEMPT = {
                  "(test_overwrite_deletes_the_old_outputs_and_starts_again)",
     "allow_resume_changes": "only acts on a resume whose config differs; tests/integration/test_run_faults.py "
                             "(test_an_allowed_change_follows_the_new_schedule_from_the_checkpoint)",
+    "task.answer_column": "the debug model never writes a right answer, so the accuracy it feeds is 0 either way; "
+                          "tests/unit/tasks/test_grpo_config.py pins that it picks the column accuracy compares with",
     "peft.loftq_bits": "peft=loftq needs CUDA (rejected on CPU); tests/gpu/test_loftq_cuda.py",
     "peft.loftq_iter": "peft=loftq needs CUDA (rejected on CPU); tests/gpu/test_loftq_cuda.py",
 }
 
 # Settings the rejection half tries, in order, to find one where a conditional field does not apply.
-NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=dpo"], ["task=orpo"], ["task=simpo"], ["task=pretrain"],
-                           ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
+NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "task.reward=[format]"], ["task=dpo"],
+                           ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
                            ["task=dpo", *LORA]]
 
 
@@ -207,6 +224,7 @@ def all_fields() -> dict[str, object]:
     for group, schema in GROUP_SCHEMAS.items():
         fields.update(leaf_fields(schema, f"{group}."))
     fields.update(leaf_fields(PreferenceTaskConfig, "task."))
+    fields.update({path: default for path, default in leaf_fields(GRPOTaskConfig, "task.").items() if path not in fields})
     fields.update(leaf_fields(TrainConfig, "train."))
     return fields
 
@@ -324,8 +342,11 @@ def paths(tmp_path_factory):
                                  {"role": "assistant", "content": " ".join(map(str, range(i % 5 + 1)))}]}
             for i, row in enumerate(rows)]
     (root / "dual.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dual))
+    (root / "len_reward.py").write_text("def reward_fn(completions, **columns):\n"
+                                        "    return [len(c) / 10 for c in completions]\n")
     return {"hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
             "sft_file": root / "sft.jsonl", "text_file": root / "text.jsonl", "dual_file": root / "dual.jsonl",
+            "len_reward": root / "len_reward.py",
             "root": root}
 
 
