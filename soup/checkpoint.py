@@ -33,12 +33,13 @@ import random
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from soup.errors import SoupError
@@ -104,23 +105,29 @@ def restore_rng(state: dict) -> None:
 def storage_error(exc: BaseException, path: Path) -> SoupError | None:
     """A SoupError naming `path` when `exc` is a full disk or a folder that cannot be written, else None.
 
-    torch.save reports a failed write as a RuntimeError ("unexpected pos ...", "file write
-    failed"), not an OSError, so its text is read too."""
+    Only an OSError carries an errno: safetensors wraps it in a SafetensorError ("I/O error:
+    No space left on device (os error 28)") and torch.save drops it, raising a RuntimeError
+    whose text depends on where the write failed, so the text is read too."""
     code = getattr(exc, "errno", None)
     text = str(exc)
-    fix_space = "free space there (or point hydra.run.dir at a disk with room), then resume=auto"
-    if code == errno.ENOSPC or "No space left" in text or (isinstance(exc, RuntimeError) and
-                                                          ("unexpected pos" in text or "write failed" in text)):
+    kept = "nothing half-written was left, and what was there before is untouched"
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "quota exceeded" in text or (
+            isinstance(exc, RuntimeError) and any(failed in text for failed in _TORCH_WRITE_FAILED)):
         try:
             free = f"{shutil.disk_usage(_existing_parent(path)).free / 2**20:.0f} MiB free"
         except OSError:
             free = "free space unknown"
-        return SoupError(f"{path}: no space left on device ({free}) while writing it; the last complete "
-                         f"checkpoint is kept.\n  fix: {fix_space}.")
+        first_line = text.strip().splitlines()[0][:160] if text.strip() else exc.__class__.__name__
+        return SoupError(f"{path}: no space left on device ({free}; {first_line}) while writing it; {kept}.\n"
+                         "  fix: free space there (or point hydra.run.dir at a disk with room), then resume=auto.")
     if code in (errno.EACCES, errno.EROFS, errno.EPERM) or "Permission denied" in text or "Read-only" in text:
-        return SoupError(f"{path}: the folder is not writable ({exc.__class__.__name__}: {text}).\n"
-                         "  fix: make it writable, or point hydra.run.dir at a writable folder.")
+        return SoupError(f"{path}: the folder is not writable ({exc.__class__.__name__}: {text}); {kept}.\n"
+                         "  fix: make it writable (or point hydra.run.dir at a writable folder), then resume=auto.")
     return None
+
+
+# What torch.save raised on a full tmpfs: a write that fell short, a failed write, a failed flush.
+_TORCH_WRITE_FAILED = ("unexpected pos", "write failed", "iostream error")
 
 
 def _existing_parent(path: Path) -> Path:
@@ -141,7 +148,10 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as exc:
-        raise storage_error(exc, final) or exc
+        error = storage_error(exc, final)
+        if error is not None:
+            raise error from exc
+        raise
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -155,7 +165,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         _fsync(final.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        error = storage_error(exc, final) if isinstance(exc, (OSError, RuntimeError)) else None
+        # Any Exception: safetensors reports a full disk as a SafetensorError, not an OSError.
+        error = storage_error(exc, final) if isinstance(exc, Exception) else None
         if error is not None:
             raise error from exc
         raise
@@ -181,16 +192,55 @@ def save_checkpoint(
             if leftover != tmp:
                 shutil.rmtree(leftover, ignore_errors=True)
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(capture_rng(), tmp / "rng.pt")
+        save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_tensors(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_tensors(capture_rng(), tmp / "rng.pt")
         if extra_state:
-            torch.save(extra_state, tmp / "extra.pt")
+            save_tensors(extra_state, tmp / "extra.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         write_manifest(tmp)
+    # Only now that step-N is complete; and never step-N itself, which a higher-numbered
+    # checkpoint (a corrupt one resume=auto skipped) would otherwise push out with keep_last=1.
     for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_tensors(state, path: Path) -> None:
+    """torch.save, after checking `state` holds only what load_tensors will load back.
+
+    A Python object in a state dict (an optimizer's helper, a numpy scalar) would save
+    fine and be refused on resume, days later; a soup bug, so it fails the first save."""
+    where = _unloadable(state, "")
+    if where is not None:
+        raise TypeError(f"{path}: {where} cannot be saved in a checkpoint: torch.load(weights_only=True) "
+                        "loads tensors and plain values only. Convert it in its owner's state_dict "
+                        "(as soup/optim.py does for GaLore's projector).")
+    torch.save(state, path)
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
+
+
+def _unloadable(value, where: str) -> str | None:
+    """Where in `value` something torch.load(weights_only=True) refuses sits, else None."""
+    # Exact types: numpy.float64 is a float and an IntEnum an int, yet both pickle as globals.
+    # A tensor subclass is trusted to register itself with torch (DTensor does).
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):
+        return None
+    if type(value) in (dict, OrderedDict):
+        items = value.items()
+    elif type(value) in (list, tuple, set):
+        items = enumerate(value)
+    else:
+        return f"{where or 'the state'} (a {type(value).__module__}.{type(value).__qualname__})"
+    for key, item in items:
+        found = _unloadable(key, f"{where}[{key!r}] key") if type(value) in (dict, OrderedDict) else None
+        found = found or _unloadable(item, f"{where}[{key!r}]")
+        if found:
+            return found
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -224,44 +274,79 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 def verify_checkpoint(path: Path) -> str | None:
     """None when `path` is an intact checkpoint, else what is wrong, naming the file.
 
-    With a manifest (every checkpoint soup writes) each file's size and sha256 must match;
-    an older checkpoint without one only needs its files present."""
+    With a manifest (every checkpoint soup writes) each file's size and sha256 must match.
+    An older checkpoint without one needs its files present, a trainer_state.json that
+    parses and a model.safetensors whose header fits its length; a truncated .pt file in
+    it is named when it loads."""
     path = Path(path)
     if not path.is_dir():
         return f"{path} does not exist or is not a directory"
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
         return f"{path} is not a complete checkpoint (missing {', '.join(missing)})"
-    if not (path / MANIFEST).is_file():
+    signature = _signature(path)
+    if _VERIFIED.get(path.resolve()) == signature:
         return None
+    reason = _manifest_problem(path) if (path / MANIFEST).is_file() else _legacy_problem(path)
+    if reason is None:
+        _VERIFIED[path.resolve()] = signature
+    return reason
+
+
+# resolve_resume verifies the checkpoint it picks and load_checkpoint verifies it again; for a
+# large one hashing takes a minute, so a success is remembered while no file's size or mtime changes.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _signature(path: Path) -> tuple:
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+
+
+def _manifest_problem(path: Path) -> str | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"{path / MANIFEST} is unreadable ({exc})"
-    for name, expected in manifest.items():
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{path / MANIFEST} is unreadable or malformed ({exc.__class__.__name__}: {exc})"
+    unlisted = [name for name in REQUIRED_FILES if name not in expected]
+    if unlisted:
+        return f"{path / MANIFEST} does not list {', '.join(unlisted)} (altered)"
+    for name, (size, digest) in expected.items():
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
-        size = file.stat().st_size
-        if size != expected["size"]:
-            return f"{file} is {size} bytes, but {expected['size']} were written (truncated or altered)"
-        if _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != size:
+            return f"{file} is {file.stat().st_size} bytes, but {size} were written (truncated or altered)"
+        if _sha256(file) != digest:
             return f"{file} does not match the checksum written with it (corrupt or altered)"
     return None
 
 
+def _legacy_problem(path: Path) -> str | None:
+    """What the cheap checks find wrong in a checkpoint written before manifests."""
+    try:
+        _json_object(path / "trainer_state.json")
+    except (OSError, ValueError) as exc:
+        return f"{path / 'trainer_state.json'} is unreadable or truncated ({exc})"
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt"):  # reads the header only
+            pass
+    except (SafetensorError, OSError) as exc:
+        return f"{path / 'model.safetensors'} is truncated or not a safetensors file ({exc})"
+    return None
+
+
 def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
-    """The checkpoint a run resumes from: None for a fresh run; resume=auto: the newest intact
-    one in `checkpoints_dir` (None when there is none: the run starts fresh), skipping corrupt
-    ones with a warning; resume=PATH: that checkpoint, refused when it is not intact."""
+    """The checkpoint a run resumes from.
+
+    None: a fresh run. "auto": the newest intact checkpoint in `checkpoints_dir`, each newer
+    corrupt one skipped with a warning; None when the folder holds none (the run starts
+    fresh), a SoupError when it holds only corrupt ones (starting over would bury them).
+    A path: that checkpoint, or a SoupError naming what is wrong with it."""
     if resume is None:
         return None
     if resume != "auto":
-        reason = verify_checkpoint(Path(resume))
-        if reason is not None:
-            raise SoupError(f"resume={resume}: {reason}.\n  fix: resume from another checkpoint of the run "
-                            "(or resume=auto, which picks the newest intact one).")
-        return Path(resume)
+        return _explicit_checkpoint(Path(resume))
     found = list_checkpoints(checkpoints_dir)
     if not found:
         print(f"[soup] resume=auto: no checkpoint in {checkpoints_dir}; starting fresh")
@@ -275,38 +360,61 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
                     "  fix: start the run again (overwrite=true without resume), or restore a checkpoint from a backup.")
 
 
+def _explicit_checkpoint(path: Path) -> Path:
+    reason = verify_checkpoint(path)
+    if reason is None:
+        return path
+    newest = latest_checkpoint(path / "checkpoints")
+    if newest is not None:  # the run directory instead of one of its checkpoints
+        raise SoupError(f"resume={path}: that is a run directory, not a checkpoint.\n  fix: resume={newest} "
+                        f"(its newest), or resume=auto with hydra.run.dir={path}.")
+    raise SoupError(f"resume={path}: {reason}.\n  fix: resume from another checkpoint of the run "
+                    "(or resume=auto, which picks the newest intact one).")
+
+
 # --------------------------------------------------------------------------- loading
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restore weights, optimizer, scheduler and RNG from `path`; return (trainer_state, extra_state)."""
+    """Restore weights, optimizer, scheduler and RNG from `path`; return (trainer_state, extra_state).
+
+    Every failure is a SoupError naming the file: corrupt, crafted, or from another model."""
     path = Path(path)
     reason = verify_checkpoint(path)
     if reason is not None:
         raise SoupError(f"resume: {reason}.\n  fix: point resume at an intact checkpoints/step-N directory, "
                         "or use resume=auto.")
     trainer_state = _read_json(path / "trainer_state.json")
-    saved = _read_safetensors(path / "model.safetensors")
-    _copy_weights(path, saved, model)
-    optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
-    scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
-    rng = load_tensors(path / "rng.pt")
-    if not isinstance(rng.get("python"), dict):
-        raise SoupError(f"resume: {path / 'rng.pt'} was written by an older soup, which stored generator states "
-                        "as Python objects that soup no longer unpickles.\n  fix: start the run again, or resume "
-                        "with the soup version that wrote it.")
-    restore_rng(rng)
+    _copy_weights(path, _read_safetensors(path / "model.safetensors"), model)
+    _restore(path / "optimizer.pt", optimizer.load_state_dict, "this optimizer (optim settings, trainable weights)")
+    _restore(path / "scheduler.pt", scheduler.load_state_dict, "this lr schedule")
+    _restore(path / "rng.pt", restore_rng, "the generator states soup writes")
     extra = load_tensors(path / "extra.pt") if (path / "extra.pt").exists() else {}
     return trainer_state, extra
+
+
+def _restore(file: Path, load_state, what: str) -> None:
+    """load_state(load_tensors(file)), a state of another shape named with the file."""
+    state = load_tensors(file)
+    try:
+        load_state(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise SoupError(f"resume: {file} does not fit {what} ({exc.__class__.__name__}: {exc}).\n"
+                        f"  fix: resume with the settings the checkpoint was written with (its config is in "
+                        f"{file.parent / 'trainer_state.json'}), or start a new run in another hydra.run.dir.") from exc
 
 
 def load_tensors(path: Path):
     """torch.load with weights_only=True (tensors and plain containers, no code), errors named."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        refused = str(exc).strip().splitlines()[0][:200]
+        if path.name == "rng.pt" and "numpy" in str(exc):
+            # The first soup pickled np.random.get_state() (a numpy array) into rng.pt.
+            raise SoupError(f"resume: {path} was written by an older soup, which stored generator states as "
+                            "numpy objects that soup no longer unpickles.\n  fix: start the run again, or resume "
+                            "with the soup version that wrote it.") from exc
         raise SoupError(
             f"resume: {path} holds Python objects that soup will not unpickle (torch.load weights_only=True "
-            f"refused it: {refused}). Checkpoints soup writes hold only tensors and plain values, so this file "
+            f"refused it: {_refusal(exc)}). Checkpoints soup writes hold only tensors and plain values, so this file "
             "was altered or crafted; nothing in it ran.\n  fix: delete that checkpoint and resume from another "
             "(resume=auto or resume=<run dir>/checkpoints/step-N); resume only checkpoints you trust."
         ) from exc
@@ -315,10 +423,25 @@ def load_tensors(path: Path):
                         "  fix: delete that checkpoint and resume from another (resume=auto).") from exc
 
 
+def _refusal(exc: Exception) -> str:
+    """The line of torch's weights_only refusal that says what it refused; the rest is boilerplate."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (specific or lines or [exc.__class__.__name__])[0][:200]
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`; OSError or ValueError (bad UTF-8, bad JSON, not an object)."""
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict):
+        raise ValueError(f"a JSON {type(state).__name__}, not an object")
+    return state
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _json_object(path)
+    except (OSError, ValueError) as exc:
         raise SoupError(f"resume: {path} is unreadable or corrupt ({exc}).\n"
                         "  fix: delete that checkpoint and resume from another (resume=auto).") from exc
 
@@ -332,7 +455,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _copy_weights(path: Path, saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """Copy the checkpoint's tensors into `model`, after checking they are the ones it trains."""
+    """Copy the checkpoint's tensors into `model`, after checking they are the ones it trains,
+    with the same shapes and dtypes (copy_ would cast a dtype silently, and resume is exact)."""
     params = dict(model.named_parameters())
     state = model.state_dict()
     expected = _trainable_tensors(model)
@@ -346,15 +470,21 @@ def _copy_weights(path: Path, saved: dict[str, torch.Tensor], model: torch.nn.Mo
     if absent:
         raise SoupError(f"resume: {path} lacks weights this model trains ({', '.join(absent[:3])}"
                         f"{' ...' if len(absent) > 3 else ''}).\n{fix}")
-    mismatched = [f"{name}: {tuple(tensor.shape)} in the checkpoint, {tuple(state[name].shape)} in this model"
-                  for name, tensor in saved.items() if tuple(tensor.shape) != tuple(state[name].shape)]
+    mismatched = [f"{name}: {_describe(tensor)} in the checkpoint, {_describe(state[name])} in this model"
+                  for name, tensor in saved.items()
+                  if tensor.shape != state[name].shape or tensor.dtype != state[name].dtype]
     if mismatched:
-        raise SoupError(f"resume: {path} was written by a model of another shape:\n"
-                        + "".join(f"  - {m}\n" for m in mismatched[:3]) + fix)
+        more = f"  (and {len(mismatched) - 3} more)\n" if len(mismatched) > 3 else ""
+        raise SoupError(f"resume: {path} was written by a model of another shape or dtype:\n"
+                        + "".join(f"  - {m}\n" for m in mismatched[:3]) + more + fix)
     with torch.no_grad():
         for name, tensor in saved.items():
             target = params[name] if name in params else state[name]
             target.copy_(tensor)
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
 
 
 def _fsync(path: Path) -> None:
