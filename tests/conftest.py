@@ -41,6 +41,18 @@ def run_cli(*overrides: str, cwd: Path = REPO_ROOT, timeout: float = 300, check:
     return proc
 
 
+def run_in_process(run_dir: Path, overrides: list[str]):
+    """Compose the real config with `overrides` and run soup.train.run into `run_dir`, in this
+    process (seconds faster than run_cli); returns the run's objective."""
+    from hydra import compose, initialize_config_dir
+
+    from soup.train import run
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return run(cfg, run_dir, list(overrides))
+
+
 # Optional packages the suite may meet missing (an install without the `dev` extra).
 OPTIONAL_MODULES = {"jsonschema", "bitsandbytes", "schedulefree", "galore_torch", "torchao", "tensorboard", "wandb", "scipy",
                     "submitit", "cut_cross_entropy", "liger_kernel", "flash_attn", "deepspeed", "trl"}

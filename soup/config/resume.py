@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from soup.config.scope import shown
 from soup.errors import ConfigError
 
 FREE = ("resume", "allow_resume_changes", "overwrite", "train.progress_bar")
@@ -42,7 +43,7 @@ class Change:
     after: Any
 
     def describe(self) -> str:
-        return f"{self.key}: {_shown(self.before)} (checkpoint) -> {_shown(self.after)} (now)"
+        return f"{self.key}: {shown(self.before)} (checkpoint) -> {shown(self.after)} (now)"
 
     def record(self) -> dict:
         return {"key": self.key, "from": self.before, "to": self.after}
@@ -97,15 +98,3 @@ def check_resume_config(saved: dict, current: dict, allow_changes: bool, checkpo
             "  fix: add allow_resume_changes=true to apply them (run.json records each change), or resume with "
             "the checkpoint's values."]))
     return changeable
-
-
-def changes_schedule(changes: list[Change]) -> bool:
-    return any(_matches(c.key, SCHEDULE_KEYS) for c in changes)
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value).replace(" ", "")

@@ -346,7 +346,7 @@ def set_fields(cfg: DictConfig, overrides: Iterable[str] = ()) -> set[str]:
             if any(path == key or path.startswith(key + ".") for key in named)}
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A value as it is written on the command line (null, true, [0.9,0.99])."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
@@ -360,7 +360,7 @@ def unread_fields(cfg: DictConfig, overrides: Iterable[str] = ()) -> list[str]:
     for path in sorted(set_fields(cfg, overrides)):
         scope = scopes.get(path)
         if scope is not None and not scope.applies(cfg):
-            problems.append(f"{path}={_shown(_value(cfg, path))} is set, but this run does not read it "
+            problems.append(f"{path}={shown(_value(cfg, path))} is set, but this run does not read it "
                             f"({scope.now(cfg)}); it is read only with {scope.where}. "
                             "Fix: remove it, or change the run so that it applies.")
     return problems

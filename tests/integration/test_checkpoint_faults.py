@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -32,7 +31,7 @@ from soup.checkpoint import (
     write_manifest,
 )
 from soup.errors import SoupError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_in_process
 
 
 class Net(torch.nn.Module):
@@ -408,12 +407,7 @@ RUN = ["debug=tiny", "train.max_steps=8", "train.save_every_steps=4", "train.kee
 
 
 def train(run_dir: Path, *overrides: str):
-    from soup.train import run
-
-    overrides = [*RUN, *overrides]
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return run(cfg, run_dir, overrides)
+    return run_in_process(run_dir, [*RUN, *overrides])
 
 
 @pytest.fixture(scope="module")

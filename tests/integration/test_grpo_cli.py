@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from soup.errors import SoupError
-from tests.conftest import REPO_ROOT, require_shared, run_cli
+from tests.conftest import require_shared, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Once upon a time", "One day, a little girl", "Tom and his friend", "The sun was", "Lily had a",
@@ -52,12 +50,8 @@ def test_grpo_through_the_cli_raises_the_mean_reward(files, tmp_path, variant):
 
 
 def train(run_dir: Path, *extra: str, files: Path):
-    from soup.train import run
-
-    args = overrides(files, "optim.lr=1e-3", "train.save_every_steps=4", "train.keep_last_checkpoints=5", *extra)
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=args)
-    return run(cfg, run_dir, args)
+    return run_in_process(run_dir, overrides(files, "optim.lr=1e-3", "train.save_every_steps=4",
+                                             "train.keep_last_checkpoints=5", *extra))
 
 
 def test_a_stopped_grpo_run_resumes_to_the_same_weights(files, tmp_path):

@@ -14,22 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from soup.errors import ConfigError, SoupError
-from soup.train import run
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, run_in_process
 
-CONF = str(REPO_ROOT / "conf")
 BASE = ["debug=tiny", "train.max_steps=12", "train.save_every_steps=4", "train.keep_last_checkpoints=5",
         "train.eval_every_steps=0"]
 
 
 def train(run_dir: Path, *overrides: str):
-    overrides = [*BASE, *overrides]
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return run(cfg, run_dir, overrides)
+    return run_in_process(run_dir, [*BASE, *overrides])
 
 
 def metrics(run_dir: Path, split: str = "train") -> list[dict]:
