@@ -20,6 +20,10 @@ does not apply (the row has no answer, say):
 A custom reward is a Python file the user names (`task.reward=[path/to/my_reward.py]`)
 that defines `reward_fn(completions, **columns)`; it receives every column. soup imports
 only files named in the config, never a name it finds in data.
+
+A reward model is a directory the user names (`task.reward=[runs/rm/final]`): a saved
+sequence-classification model with one label, whose score of prompt + completion is the
+reward (soup/rewards/reward_model.py). It reads the `prompt` column; it takes batch_size.
 """
 
 from __future__ import annotations
@@ -144,15 +148,25 @@ def register_reward(name: str, *, columns: tuple[str, ...] = (), params: tuple[s
 
 
 def get_reward(name: str, **params: Any) -> Reward:
-    """The reward `name` with `params` bound: a registered name, or a path ending in .py.
+    """The reward `name` with `params` bound: a registered name, a path ending in .py, or the
+    directory of a reward model (looked for in that order).
 
-    ConfigError for an unknown name, a param the reward does not take, or a bad setting.
+    ConfigError for an unknown name, a path that does not exist, a param the reward does not
+    take, or a bad setting.
     """
     if name.endswith(".py"):
         if params:
             raise ConfigError(f"task.reward={name}: a custom reward file takes no params (got {', '.join(params)}).\n"
                               "  fix: read settings inside reward_fn, or drop the params.")
         return Reward(name=name, columns=(), fn=load_reward_file(name), doc=f"custom reward from {name}")
+    if name not in REWARDS and _is_reward_model(name):
+        from soup.rewards.reward_model import PARAMS, reward_model_reward  # imports torch + transformers
+
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:
+            raise ConfigError(f"task.reward={name}: a reward model does not take parameter(s) {', '.join(unknown)}; "
+                              f"it accepts: {', '.join(PARAMS)}.\n  fix: remove the setting(s).")
+        return reward_model_reward(name, **params)
     spec = get_spec(name)
     renames = {f"{column}_column" for column in spec.columns}
     unknown = sorted(set(params) - set(spec.params) - renames)
@@ -181,8 +195,16 @@ def get_spec(name: str) -> RewardSpec:
     try:
         return REWARDS[name]
     except KeyError:
-        raise ConfigError(f"no reward named '{name}'.\n  fix: use one of: {', '.join(reward_names())}, "
-                          "or the path of a .py file that defines reward_fn(completions, **columns).") from None
+        pass
+    if any(mark in name for mark in ("/", "\\")) or name.startswith(("~", ".")):
+        path = Path(name).expanduser().resolve()
+        problem = "a file, not a reward model directory" if path.exists() else "no such directory"
+        raise ConfigError(f"task.reward={name}: {problem} (looked for {path}).\n"
+                          "  fix: give the directory of a saved reward model (config.json, weights, tokenizer), "
+                          f"the path of a .py file that defines reward_fn, or one of: {', '.join(reward_names())}.")
+    raise ConfigError(f"no reward named '{name}'.\n  fix: use one of: {', '.join(reward_names())}, "
+                      "the path of a .py file that defines reward_fn(completions, **columns), "
+                      "or the directory of a saved reward model.")
 
 
 def reward_names() -> list[str]:
@@ -192,11 +214,19 @@ def reward_names() -> list[str]:
 
 def required_columns(name: str, **params: Any) -> tuple[str, ...]:
     """The row columns reward `name` (with these params) reads, for the data check before any
-    generation; () for a custom .py reward, which gets whatever the rows have."""
+    generation; () for a custom .py reward, which gets whatever the rows have; ("prompt",) for
+    a reward model directory."""
     if name.endswith(".py"):
         return ()
+    if name not in REWARDS and _is_reward_model(name):
+        return ("prompt",)
     spec = get_spec(name)
     return tuple(spec.column_names(**params).values())
+
+
+def _is_reward_model(name: str) -> bool:
+    """A `task.reward` entry that names an existing directory: a reward model's."""
+    return Path(name).expanduser().is_dir()
 
 
 def load_reward_file(path: str | Path) -> RewardFn:
@@ -230,5 +260,8 @@ def load_reward_file(path: str | Path) -> RewardFn:
 # The built-in rewards register themselves when their module is imported; importing it here
 # (after register_reward exists, so the cycle resolves) makes REWARDS complete whichever
 # module a caller imports first. `score` lives in combine.py; it is importable from here too.
-from soup.rewards import builtin as _builtin  # noqa: E402,F401
-from soup.rewards.combine import score  # noqa: E402,F401
+importlib.import_module("soup.rewards.builtin")
+from soup.rewards.combine import score  # noqa: E402
+
+__all__ = ["REWARDS", "Reward", "RewardError", "RewardFn", "RewardOutput", "RewardSpec", "get_reward", "get_spec",
+           "load_reward_file", "register_reward", "required_columns", "reward_names", "score"]
