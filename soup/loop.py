@@ -85,11 +85,12 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def total_optimizer_steps(train_cfg: DictConfig, batches_per_epoch: int) -> int:
-    """train.max_steps, else the steps of train.epochs (default 1) passes over the data."""
+def total_optimizer_steps(train_cfg: DictConfig, batches_per_epoch: int, steps_per_draw: int = 1) -> int:
+    """train.max_steps, else the steps of train.epochs (default 1) passes over the data
+    (steps_per_draw optimizer steps per drawn batch: grpo's num_iterations)."""
     if train_cfg.max_steps is not None:
         return train_cfg.max_steps
-    return math.ceil(epochs_to_run(train_cfg) * batches_per_epoch / train_cfg.grad_accum_steps)
+    return math.ceil(epochs_to_run(train_cfg) * batches_per_epoch / train_cfg.grad_accum_steps) * steps_per_draw
 
 
 def epochs_to_run(train_cfg: DictConfig) -> int:
@@ -159,7 +160,7 @@ def train_loop(
     if sampler is None:
         sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed)
     eval_collate = eval_collate or collate
-    total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch)
+    total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch, task.steps_per_draw)
     # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
     total_micro_batches = (None if train_cfg.max_steps is not None
                            else epochs_to_run(train_cfg) * sampler.batches_per_epoch)
@@ -223,11 +224,13 @@ def train_loop(
             return None
         # Schedule-free optimizers evaluate at their averaged weights.
         prepare_for_eval(optimizer)
-        metrics = evaluate(model, task, val_examples, eval_collate, train_cfg.eval_batch_size, device,
-                           train_cfg.precision)
+        metrics = task.evaluate(model, val_examples, train_cfg.eval_batch_size, device)
+        if metrics is None:
+            metrics = evaluate(model, task, val_examples, eval_collate, train_cfg.eval_batch_size, device,
+                               train_cfg.precision)
         prepare_for_train(optimizer)
         tracker.log(metrics, step, split="eval")
-        return metrics["loss"]
+        return metrics.get("loss")
 
     model.train()
     prepare_for_train(optimizer)
@@ -245,19 +248,20 @@ def train_loop(
                 n_micro = min(n_micro, total_micro_batches - consumed_micro)
             step_start = time.perf_counter()
             task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, model)
-            micro_rows = [[train_examples[i] for i in sampler.next_batch()] for _ in range(n_micro)]
+            draws = task.draws_rows(step)
+            micro_rows = [[train_examples[i] for i in sampler.next_batch()] for _ in range(n_micro)] if draws else []
             # Offline tasks collate the rows; grpo's experience phase (rollouts, rewards) runs here.
             micro_batches = task.prepare_step(micro_rows, collate, model, step)
-            consumed_micro += n_micro
+            consumed_micro += len(micro_rows)
             step_units = sum(task.units(b) for b in micro_batches)
-            if step_units == 0:
+            if step_units == 0 and not task.allows_empty_steps:
                 raise SoupError(f"step {step + 1}: no micro-batch holds a trained token; "
                                 "check data.train_on_responses_only and data.max_length.")
 
             step_loss = torch.zeros((), device=device)
             metric_sums: dict[str, float] = {}
             metric_counts: dict[str, float] = {}
-            for batch in micro_batches:
+            for batch in micro_batches if step_units else ():
                 with autocast_context(train_cfg.precision, device):
                     out = task.forward(model, to_device(batch, device))
                 loss = out.loss_sum / step_units
@@ -266,18 +270,11 @@ def train_loop(
                 accumulate(metric_sums, out.metric_sums)
                 accumulate(metric_counts, out.metric_counts)
 
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            clip = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for group in optimizer.param_groups for p in group["params"]], clip
-            )
             lr = optimizer.param_groups[0]["lr"]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            if step_units:
+                grad_norm = clipped_optimizer_step(optimizer, scaler, train_cfg.max_grad_norm)
+            else:  # nothing to learn from (grpo: every group skipped); the schedule still moves
+                grad_norm = torch.zeros(())
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -285,7 +282,7 @@ def train_loop(
             step_time = time.perf_counter() - step_start
             train_time_s += step_time
 
-            last_loss = float(step_loss) / step_units
+            last_loss = float(step_loss) / max(step_units, 1)
             if not math.isfinite(last_loss):
                 raise SoupError(
                     f"step {step}: the loss is {last_loss}. The last good checkpoint is in {checkpoints_dir}.\n"
@@ -301,7 +298,7 @@ def train_loop(
                     f"trained_{task.unit_name}": step_units, f"trained_{task.unit_name}_per_s": rate,
                     "peak_memory_mb": peak_memory_mb(device),
                     "epoch": consumed_micro / sampler.batches_per_epoch,
-                    **average_metrics(metric_sums, metric_counts, step_units),
+                    **average_metrics(metric_sums, metric_counts, step_units), **task.step_log(),
                 }, step)
 
             if train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0:
@@ -318,6 +315,20 @@ def train_loop(
         last_eval = run_eval()
     prepare_for_eval(optimizer)  # the final save holds the weights to evaluate
     return result("max_steps" if train_cfg.max_steps is not None else "epochs")
+
+
+def clipped_optimizer_step(optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float) -> torch.Tensor:
+    """Clip the gradients (fp16: unscaled first), step the optimizer; return the norm before clipping."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
 
 
 def follow_new_schedule(optimizer: torch.optim.Optimizer, scheduler, base_lrs: list[float]) -> None:

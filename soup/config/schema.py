@@ -89,14 +89,42 @@ class GRPOTaskConfig(TaskConfig):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    # grpo | bnpo | dr_grpo | dapo: how token losses are averaged (soup/losses/grpo.py).
-    # The clip settings (epsilon, epsilon_high, delta, sequence-level ratios, cispo) act only
-    # when a batch is trained on more than once; they arrive with task.num_iterations.
+    # Wraps each text prompt (a `prompt` string or a GSM8K `question`): r1_zero (DeepSeek-R1-Zero's
+    # <think>/<answer> template) or a text holding {prompt}. null: the prompt as written.
+    prompt_template: Optional[str] = None
+    # Strings that end a completion (besides EOS and the template's end of turn), e.g. ["</answer>"].
+    stop: Any = None
+    # grpo | bnpo | dr_grpo | dapo: the clipped objective with that reduction of token losses;
+    # cispo: MiniMax-M1's clipped IS weight; rft: fine-tuning on each group's best completions
+    # (both reduce as dapo). Formulas: soup/losses/grpo.py.
     loss_type: str = "dapo"
     # group | batch | none: the std that divides the group-centred rewards (none: Dr. GRPO).
     scale_rewards: str = "group"
     # KL to the reference (k3); 0 builds no reference.
     beta: float = 0.0
+    # Optimizer steps per generation batch (mu). The importance ratio moves from 1 only when a
+    # batch is trained on again (mu > 1) or replayed, so the clip settings below act only then.
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    # Upper clip 1 + epsilon_high (DAPO's clip-higher; cispo's weight cap). null: epsilon.
+    epsilon_high: Optional[float] = None
+    # Two-sided clipping (INTELLECT-2): the ratio is capped at delta (> 1) before the min.
+    delta: Optional[float] = None
+    # token | sequence (GSPO: one length-normalised ratio per completion).
+    importance_sampling_level: str = "token"
+    # Truncated importance sampling: token losses x min(exp(old - sampler log-prob), tis_threshold).
+    tis_threshold: Optional[float] = None
+    # Completions that hit max_completion_length train nothing (their rewards still count).
+    mask_truncated_completions: bool = False
+    # Groups whose rewards are all equal (zero advantage) leave the step, and its token count.
+    skip_zero_advantage: bool = False
+    # DeepSeek-V3.2: drop a completion with A < 0 whose mean KL(sampler || policy) exceeds this.
+    off_policy_mask_threshold: Optional[float] = None
+    # Groups kept (by reward std) to stand in for groups whose rewards were all equal; 0: none.
+    replay_buffer_size: int = 0
+    # Every ref_sync_steps steps the reference copy moves: ref <- alpha x policy + (1 - alpha) x ref.
+    ref_sync_steps: int = 0
+    ref_model_ema_alpha: float = 1.0
     # The format reward's regex: <think>...</think> then an answer.
     format_pattern: str = r"^\s*<think>.*?</think>\s*\S.*$"
     # The row column the accuracy and math rewards compare with.

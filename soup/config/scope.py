@@ -119,14 +119,33 @@ def uses_reference_copy(cfg: DictConfig) -> bool:
 
 
 def has_val_data(cfg: DictConfig) -> bool:
-    return cfg.task.name != "grpo" and (bool(cfg.data.val_file) or cfg.data.val_split > 0)
+    return bool(cfg.data.val_file) or cfg.data.val_split > 0
 
 
-VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_file) in an offline task",
-                 lambda cfg: "task=grpo does not evaluate yet" if cfg.task.name == "grpo" else
-                 "no validation data: data.val_split=0 and no data.val_file")
-OFFLINE = Scope(lambda cfg: cfg.task.name != "grpo", "an offline task (every task but grpo)",
-                lambda cfg: "task=grpo does not evaluate yet")
+VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_file)",
+                 lambda cfg: "no validation data: data.val_split=0 and no data.val_file")
+
+
+def ratio_moves(clip_only: bool) -> Scope:
+    """grpo's clip settings: read when the importance ratio can leave 1 (a batch trained on again,
+    or replayed) and the loss_type has a ratio (clip_only: the clipped ones, not cispo)."""
+    kinds = ("grpo", "bnpo", "dr_grpo", "dapo") if clip_only else ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+    def applies(c: DictConfig) -> bool:
+        return c.task.loss_type in kinds and (c.task.num_iterations > 1 or c.task.replay_buffer_size > 0)
+
+    def now(c: DictConfig) -> str:
+        if c.task.loss_type not in kinds:
+            return f"task.loss_type={c.task.loss_type}"
+        return "task.num_iterations=1 and no replay buffer: each batch trains once, so the ratio stays 1"
+
+    return Scope(applies, f"task.loss_type={'|'.join(kinds)} with task.num_iterations > 1 or a replay buffer", now)
+
+
+REFERENCE_COPY = Scope(lambda c: c.task.beta > 0 and c.peft.name == "none",
+                       "a reference copy (task.beta > 0 with peft=none)",
+                       lambda c: "task.beta=0, so no reference" if not c.task.beta else
+                       f"peft={c.peft.name}, whose reference (the adapters disabled) cannot move")
 
 
 FRESH_RUN = Scope(lambda cfg: cfg.resume is None, "a fresh run (resume=null)",
@@ -150,8 +169,6 @@ def _build_scopes() -> dict[str, Scope]:
         "data.train_file": choice("data.name", "file"),
         "data.format": token_task,  # preference rows are recognised by their fields
         "data.chat_template": choice("task.name", "sft", "grpo", *PREFERENCE_TASKS),
-        "data.val_split": OFFLINE,
-        "data.val_file": OFFLINE,
         "data.train_on_responses_only": choice("task.name", "sft"),
         "data.text_field": choice("task.name", "pretrain"),
         "data.packing": token_task,
@@ -188,6 +205,18 @@ def _build_scopes() -> dict[str, Scope]:
         "task.preference_loss_weights": choice("task.name", "preference"),
         "task.loss_type": choice("task.name", "dpo", "grpo"),
         # task=grpo
+        "task.epsilon": ratio_moves(clip_only=True),
+        "task.delta": ratio_moves(clip_only=True),
+        "task.epsilon_high": ratio_moves(clip_only=False),
+        "task.importance_sampling_level": ratio_moves(clip_only=False),
+        "task.off_policy_mask_threshold": Scope(lambda c: c.task.loss_type != "rft",
+                                                "a loss_type with advantages of both signs (every one but rft)",
+                                                lambda c: "task.loss_type=rft, whose advantages are never negative"),
+        "task.ref_sync_steps": REFERENCE_COPY,
+        "task.ref_model_ema_alpha": Scope(lambda c: REFERENCE_COPY.applies(c) and c.task.ref_sync_steps > 0,
+                                          "a moving reference copy (task.ref_sync_steps > 0, task.beta > 0)",
+                                          lambda c: "task.ref_sync_steps=0" if REFERENCE_COPY.applies(c)
+                                          else REFERENCE_COPY.now(c)),
         "task.format_pattern": Scope(lambda c: "format" in list(c.task.reward), "task.reward with format",
                                      lambda c: f"task.reward={list(c.task.reward)}"),
         "task.answer_column": Scope(lambda c: bool({"accuracy", "math"} & set(c.task.reward)),

@@ -316,11 +316,44 @@ def _check_optim(cfg: DictConfig, need) -> None:
 
 
 def _check_grpo(cfg: DictConfig, need) -> None:
-    from soup.losses.grpo import LOSS_TYPES, SCALES
+    from soup.losses.grpo import IS_LEVELS, SCALES
+    from soup.tasks.grpo import LOSS_TYPE_PARTS
 
     task = cfg.task
     one = "task=grpo"
-    need(task.loss_type in LOSS_TYPES, f"{one}: task.loss_type={task.loss_type!r}; valid: {', '.join(LOSS_TYPES)}.")
+    need(task.loss_type in LOSS_TYPE_PARTS,
+         f"{one}: task.loss_type={task.loss_type!r}; valid: {', '.join(LOSS_TYPE_PARTS)}.")
+    need(task.num_iterations >= 1, f"{one}: task.num_iterations must be at least 1 (optimizer steps per "
+                                   f"generation batch; got {task.num_iterations}).")
+    need(0 < task.epsilon < 1, f"{one}: task.epsilon must be in (0, 1) (the ratio is clipped to 1 - epsilon "
+                               f"from below; got {task.epsilon}).")
+    need(task.epsilon_high is None or task.epsilon_high > 0, f"{one}: task.epsilon_high must be > 0 (or null: "
+                                                             "epsilon).")
+    need(task.delta is None or task.delta > 1, f"{one}: task.delta caps the ratio from above and must be > 1 "
+                                               f"(INTELLECT-2 uses 4; got {task.delta}).")
+    need(task.importance_sampling_level in IS_LEVELS, f"{one}: task.importance_sampling_level="
+                                                      f"{task.importance_sampling_level!r}; valid: token, sequence.")
+    need(task.tis_threshold is None or task.tis_threshold > 0, f"{one}: task.tis_threshold must be > 0 (a cap on "
+                                                               "the sampler correction, e.g. 2.0) or null.")
+    need(task.off_policy_mask_threshold is None or task.off_policy_mask_threshold >= 0,
+         f"{one}: task.off_policy_mask_threshold must be >= 0 (a KL, e.g. 0.5) or null.")
+    need(task.replay_buffer_size >= 0, f"{one}: task.replay_buffer_size must be >= 0 (0: no buffer).")
+    need(task.ref_sync_steps >= 0, f"{one}: task.ref_sync_steps must be >= 0 (0: the reference never moves).")
+    need(0 < task.ref_model_ema_alpha <= 1, f"{one}: task.ref_model_ema_alpha must be in (0, 1] "
+                                            "(1 copies the policy into the reference).")
+    if task.ref_sync_steps and task.beta and cfg.peft.name != "none":
+        need(False, f"{one} with task.ref_sync_steps and peft={cfg.peft.name}: the reference is the policy with "
+                    "its adapters disabled, the frozen base, which cannot move toward the policy. Use peft=none "
+                    "(a reference copy that moves), or task.ref_sync_steps=0.")
+    from soup.tasks.prompts import PROMPT_TEMPLATES
+
+    template = task.prompt_template
+    need(template is None or template in PROMPT_TEMPLATES or "{prompt}" in str(template),
+         f"{one}: task.prompt_template={template!r} is neither a named template ({', '.join(PROMPT_TEMPLATES)}) "
+         "nor a text holding {prompt}, where each prompt goes.")
+    stop = task.stop
+    need(stop is None or (OmegaConf.is_list(stop) and all(isinstance(x, str) and x for x in stop)),
+         f"{one}: task.stop must be a list of non-empty strings, e.g. task.stop='[\"</answer>\"]'.")
     need(task.scale_rewards in SCALES, f"{one}: task.scale_rewards={task.scale_rewards!r}; valid: {', '.join(SCALES)}.")
     need(task.num_generations >= 2, f"{one}: task.num_generations must be at least 2 (a group needs two "
                                     f"completions to compare; got {task.num_generations}).")
@@ -350,11 +383,6 @@ def _check_grpo(cfg: DictConfig, need) -> None:
         need(weights is None or (OmegaConf.is_list(weights) and len(weights) == len(rewards)),
              f"{one}: task.reward_weights needs one weight per reward ({len(rewards)}), e.g. "
              f"[{','.join(['1.0'] * len(rewards))}].")
-    # What the first version of the experience phase runs on; the rest is refused, not ignored.
-    for group, value in (("kernels", cfg.kernels.name), ("checkpointing", cfg.checkpointing.name),
-                         ("offload", cfg.offload.name), ("quant", cfg.quant.name)):
-        need(value == "none", f"{one} with {group}={value}: rollouts run on the plain (or adapter) model "
-                              f"for now; use {group}=none.")
 
 
 def _check_preference(cfg: DictConfig, need) -> None:

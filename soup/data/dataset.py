@@ -171,6 +171,17 @@ def split_rows(rows: list[Row], val_split: float, seed: int) -> tuple[list[Row],
     return train, val
 
 
+def check_val_flags(data_cfg: Any) -> None:
+    """data.val_split is a fraction, and only one of it and data.val_file is set."""
+    if not 0.0 <= data_cfg.val_split < 1.0:
+        raise ConfigError(f"data.val_split={data_cfg.val_split} is outside [0, 1).\n"
+                          "  fix: use e.g. 0.05, or 0 for none.")
+    if data_cfg.val_file is not None and data_cfg.val_split > 0:
+        raise ConfigError(f"data.val_file and data.val_split={data_cfg.val_split} are both set; "
+                          "only one can supply the validation rows.\n"
+                          "  fix: set data.val_split=0 to use the val file, or data.val_file=null to split the train file.")
+
+
 def _check_flags(data_cfg: Any, task_name: str) -> None:
     if task_name not in TASK_FORMATS:
         raise ConfigError(f"task={task_name} has no data builder in soup.data (it knows {', '.join(TASK_FORMATS)}).")
@@ -181,13 +192,7 @@ def _check_flags(data_cfg: Any, task_name: str) -> None:
         raise ConfigError(f"data.overlong={data_cfg.overlong!r}.\n  fix: use one of {', '.join(OVERLONG_POLICIES)}.")
     if data_cfg.max_length < 1:
         raise ConfigError(f"data.max_length={data_cfg.max_length}.\n  fix: use a positive number of tokens.")
-    if not 0.0 <= data_cfg.val_split < 1.0:
-        raise ConfigError(f"data.val_split={data_cfg.val_split} is outside [0, 1).\n"
-                          "  fix: use e.g. 0.05, or 0 for none.")
-    if data_cfg.val_file is not None and data_cfg.val_split > 0:
-        raise ConfigError(f"data.val_file and data.val_split={data_cfg.val_split} are both set; "
-                          "only one can supply the validation rows.\n"
-                          "  fix: set data.val_split=0 to use the val file, or data.val_file=null to split the train file.")
+    check_val_flags(data_cfg)
     if data_cfg.max_rows is not None and data_cfg.max_rows < 1:
         raise ConfigError(f"data.max_rows={data_cfg.max_rows}.\n  fix: use a positive number, or null for all rows.")
 

@@ -27,6 +27,12 @@ Three steps, each a function here, each pinned by tests against hand-computed va
      length-normalised ratio exp(mean_t(logps - old_logps)) (GSPO, arXiv 2507.18071).
    - "cispo" (MiniMax-M1, arXiv 2506.13585): l_t = -sg(min(rho_t, 1 + eps_high)) A logps_t,
      a clipped, stop-gradient importance weight on REINFORCE, so no token's gradient is dropped.
+   - "rft" (rejection-sampling fine-tuning, arXiv 2308.01825): l_t = -A logps_t with A in {0, 1}
+     marking the completions kept (the task keeps each group's best; see rft_keep): supervised
+     fine-tuning on the policy's own best samples, no ratio.
+   - off-policy sequence masking (DeepSeek-V3.2, arXiv 2512.02556, eq. 9; off_policy_mask_threshold):
+     a completion with A < 0 whose mean per-token KL(behaviour || policy) = mean_t(behaviour - logps)
+     exceeds the threshold is dropped; the behaviour log-probs are the sampler's.
    - + beta * KL_t with the k3 estimator KL_t = exp(ref - logps) - (ref - logps) - 1 (unbiased, >= 0).
    - truncated importance sampling against the sampler (tis_threshold; Yao et al. 2025, "Your
      efficient RL framework secretly brings you off-policy RL training"): l_t *= min(exp(old - sampler), C),
@@ -50,7 +56,7 @@ import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
-OBJECTIVES = ("clip", "cispo")
+OBJECTIVES = ("clip", "cispo", "rft")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -80,10 +86,28 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped == grouped[:, :1]).all(dim=1)
 
 
+def rft_keep(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) 1.0 for the completions RFT trains on: those scoring their group's best reward,
+    in groups whose rewards differ (a uniform group says nothing about which sample is better)."""
+    grouped = rewards.view(-1, group_size)
+    best = grouped == grouped.max(dim=1, keepdim=True).values
+    return (best & ~zero_std_groups(rewards, group_size).unsqueeze(1)).to(rewards.dtype).reshape(-1)
+
+
+def off_policy_mask(advantages: torch.Tensor, logps: torch.Tensor, behaviour_logps: torch.Tensor,
+                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, 1) 0.0 for completions to drop: A < 0 and mean_t(behaviour - logps) > threshold
+    (DeepSeek-V3.2's off-policy sequence mask), 1.0 otherwise. No gradient."""
+    mask = mask.to(logps.dtype)
+    kl = ((behaviour_logps - logps.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    keep = (advantages >= 0) | (kl <= threshold)
+    return keep.to(logps.dtype).unsqueeze(-1)
+
+
 @dataclass
 class PolicyLossOutput:
     per_token: torch.Tensor  # (B, T), zero where mask is 0
-    # Masked token means, detached: clip_low / clip_high / clip_region (fractions of tokens
+    # Masked token means, detached: clip_ratio/low_mean, high_mean, region_mean (fractions of tokens
     # whose ratio the clip cut), kl (when beta > 0), is_weight (with truncated IS).
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -103,6 +127,7 @@ def policy_loss(
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     tis_threshold: float | None = None,
+    off_policy_mask_threshold: float | None = None,
 ) -> PolicyLossOutput:
     """Per-token losses of the GRPO family (module docstring, step 2). Shapes: (B, T), advantages (B,)."""
     if objective not in OBJECTIVES:
@@ -121,11 +146,18 @@ def policy_loss(
         capped = ratio if delta is None else torch.clamp(ratio, max=delta)
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
         per_token = -torch.min(capped * adv, clipped * adv)
-    else:
+    elif objective == "cispo":
         weight = torch.clamp(ratio, max=1 + eps_high).detach()
         per_token = -weight * adv * logps
+    else:
+        per_token = -adv * logps
 
     metrics: dict[str, float] = {}
+    if off_policy_mask_threshold is not None:
+        behaviour = sampler_logps if sampler_logps is not None else old_logps
+        keep = off_policy_mask(advantages, logps, behaviour, mask, off_policy_mask_threshold)
+        per_token = per_token * keep
+        metrics["off_policy_masked"] = float(1 - keep.mean())
     if sampler_logps is not None and tis_threshold is not None:
         is_weight = torch.clamp(torch.exp(old_logps - sampler_logps), max=tis_threshold).detach()
         per_token = per_token * is_weight
@@ -141,9 +173,9 @@ def policy_loss(
     with torch.no_grad():
         low = (ratio < 1 - epsilon) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
-        metrics["clip_low"] = _masked_mean(low.to(mask.dtype), mask)
-        metrics["clip_high"] = _masked_mean(high.to(mask.dtype), mask)
-        metrics["clip_region"] = _masked_mean((low | high).to(mask.dtype), mask)
+        metrics["clip_ratio/low_mean"] = _masked_mean(low.to(mask.dtype), mask)
+        metrics["clip_ratio/high_mean"] = _masked_mean(high.to(mask.dtype), mask)
+        metrics["clip_ratio/region_mean"] = _masked_mean((low | high).to(mask.dtype), mask)
     return PolicyLossOutput(per_token * mask, metrics)
 
 

@@ -28,7 +28,9 @@ NEG_INF = float("-inf")
 @dataclass(frozen=True)
 class SamplingParams:
     """How completions are drawn. temperature 0 is greedy decoding. top_k 0 and top_p 1.0
-    and min_p 0.0 and repetition_penalty 1.0 turn those processors off."""
+    and min_p 0.0 and repetition_penalty 1.0 turn those processors off. `stop`: strings that
+    end a completion at the token that completes one (kept in the completion, as the stop
+    token is); they need the sampler's `decode`."""
 
     max_completion_length: int
     temperature: float = 1.0
@@ -36,6 +38,7 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -98,18 +101,35 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, params: Samp
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, *, pad_id: int,
-           stop_ids: set[int], generator: torch.Generator | None = None) -> Rollout:
-    """Draw one completion per prompt (repeat a prompt in `prompts` for several)."""
+           stop_ids: set[int], generator: torch.Generator | None = None, decode=None) -> Rollout:
+    """Draw one completion per prompt (repeat a prompt in `prompts` for several).
+    decode: token ids -> text, for params.stop."""
+    if params.stop and decode is None:
+        raise ValueError("stop strings need a decode function")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, prompts, params, pad_id, stop_ids, generator, device)
+        # A compiled model (kernels=compile) would recompile for every new cache length: decode eagerly.
+        with torch.compiler.set_stance("force_eager"):
+            return _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode)
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompts, params, pad_id, stop_ids, generator, device) -> Rollout:
+def ends_in_stop_string(tokens: torch.Tensor, live: torch.Tensor, t: int, stops: tuple[str, ...], decode) -> torch.Tensor:
+    """(B,) True where a live row's text now contains a stop string. Only the last few tokens
+    are decoded: any earlier occurrence would have stopped the row at an earlier step
+    (4 tokens per character covers byte-level tokens of multi-byte characters)."""
+    window = 4 * max(len(s) for s in stops) + 4
+    hit = torch.zeros_like(live)
+    for row in live.nonzero().flatten().tolist():
+        text = decode(tokens[row, max(0, t + 1 - window):t + 1].tolist())
+        hit[row] = any(s in text for s in stops)
+    return hit
+
+
+def _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode) -> Rollout:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     rows, steps = prompt_ids.shape[0], params.max_completion_length
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
@@ -146,6 +166,8 @@ def _decode(model, prompts, params, pad_id, stop_ids, generator, device) -> Roll
         if seen is not None:
             seen.scatter_(1, chosen.unsqueeze(-1), live.unsqueeze(-1))
         stopped = live & torch.isin(chosen, stop)
+        if params.stop:
+            stopped = stopped | ends_in_stop_string(tokens, live, t, params.stop, decode)
         done_at = torch.where(stopped, torch.full_like(done_at, t), done_at)
         live = live & ~stopped
         if not live.any() or t == steps - 1:

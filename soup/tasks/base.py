@@ -56,6 +56,10 @@ class Task(ABC):
     loss over every micro-batch of an optimizer step exactly."""
 
     unit_name = "tokens"
+    # Optimizer steps per sampler draw (grpo: num_iterations steps train on one generation batch).
+    steps_per_draw = 1
+    # Whether a step may hold no loss unit (grpo with skip_zero_advantage): it then updates nothing.
+    allows_empty_steps = False
 
     def __init__(self, task_cfg):
         self.cfg = task_cfg
@@ -77,6 +81,19 @@ class Task(ABC):
         """The micro-batches optimizer step `step` trains on, from the rows the sampler drew for it.
         Offline tasks collate them; an online task (grpo) generates and scores completions here."""
         return [collate(rows) for rows in micro_rows]
+
+    def draws_rows(self, step: int) -> bool:
+        """Whether optimizer step `step` draws new rows from the sampler (see steps_per_draw)."""
+        return True
+
+    def step_log(self) -> dict[str, float]:
+        """Per-step figures the task logs as they are (grpo: its generation batch's rewards)."""
+        return {}
+
+    def evaluate(self, model: torch.nn.Module, examples: list, batch_size: int, device: torch.device) -> dict | None:
+        """Evaluation metrics over `examples` when the task measures something other than its
+        loss (grpo: the rewards of sampled completions); None: the loop's loss evaluation."""
+        return None
 
     def begin_step(self, step: int, total_steps: int, epoch: float, model: torch.nn.Module) -> None:
         """Called before optimizer step `step` (0-based): schedules that move with the run."""

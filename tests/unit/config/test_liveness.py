@@ -47,6 +47,7 @@ SFT_FILE, TEXT_FILE, DUAL_FILE = "{sft_file}", "{text_file}", "{dual_file}"
 # advantages are not all zero and each setting shows in the metrics.
 GRPO = ["task=grpo", "task.reward=[{len_reward}]", "task.num_generations=2", "task.max_completion_length=8",
         "train.micro_batch_size=2"]
+GRPO_MU2 = [*GRPO, "task.num_iterations=2", "optim.lr=1e-2"]  # the second pass sees a ratio away from 1
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -82,9 +83,25 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.top_p": (GRPO, ["task.top_p=0.3"]),
     "task.top_k": (GRPO, ["task.top_k=3"]),
     "task.min_p": (GRPO, ["task.min_p=0.5"]),
-    "task.repetition_penalty": (GRPO, ["task.repetition_penalty=3.0"]),
+    # At temperature 1 the random debug model's near-uniform logits hide the penalty: sharpen them.
+    "task.repetition_penalty": ([*GRPO, "task.temperature=0.01"], ["task.repetition_penalty=3.0"]),
     "task.scale_rewards": (GRPO, ["task.scale_rewards=none"]),
     "task.format_pattern": ([*GRPO, "task.reward=[{len_reward},format]"], ["task.format_pattern=.*"]),
+    "task.stop": (GRPO, ["task.stop=[a,e,i,o,u]"]),
+    "task.prompt_template": ([*GRPO, "data=file", "data.train_file={questions_file}", "data.max_length=512"],
+                             ["task.prompt_template=r1_zero"]),
+    "task.num_iterations": (GRPO, ["task.num_iterations=2"]),
+    "task.epsilon": (GRPO_MU2, ["task.epsilon=0.01"]),
+    "task.epsilon_high": (GRPO_MU2, ["task.epsilon_high=0.01"]),
+    "task.delta": (GRPO_MU2, ["task.delta=1.001"]),
+    "task.importance_sampling_level": (GRPO_MU2, ["task.importance_sampling_level=sequence"]),
+    "task.tis_threshold": (GRPO, ["task.tis_threshold=0.5"]),
+    "task.mask_truncated_completions": (GRPO, ["task.mask_truncated_completions=true"]),
+    "task.skip_zero_advantage": (GRPO, ["task.skip_zero_advantage=true"]),
+    "task.off_policy_mask_threshold": ([*GRPO, "task.top_k=3"], ["task.off_policy_mask_threshold=0.0"]),
+    "task.replay_buffer_size": (GRPO, ["task.replay_buffer_size=4"]),
+    "task.ref_sync_steps": ([*GRPO, "task.beta=0.5"], ["task.ref_sync_steps=1"]),
+    "task.ref_model_ema_alpha": ([*GRPO, "task.beta=0.5", "task.ref_sync_steps=1"], ["task.ref_model_ema_alpha=0.5"]),
     # model
     "model.name": ([], ["model=hf", f"model.path={HF}"]),
     "model.path": (["model=hf", f"model.path={HF}"], [f"model.path={HF_OTHER}"]),
@@ -213,7 +230,8 @@ EXEMPT = {
 }
 
 # Settings the rejection half tries, in order, to find one where a conditional field does not apply.
-NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "task.reward=[format]"], ["task=dpo"],
+NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "task.reward=[format]"],
+                           ["task=grpo", "task.loss_type=rft"], ["task=dpo"],
                            ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
                            ["task=dpo", *LORA]]
 
@@ -255,7 +273,12 @@ def as_override(value) -> str:
 
 
 # --- the observable fingerprint of a run ------------------------------------------------
-IGNORED_METRICS = {"time", "peak_memory_mb", "trained_tokens_per_s", "trained_pairs_per_s", "trained_rows_per_s"}
+IGNORED_METRICS = {"time", "peak_memory_mb"}
+
+
+def is_timing(key: str) -> bool:
+    """Wall-clock figures differ between any two runs, so they are no evidence that a field acts."""
+    return key in IGNORED_METRICS or key.startswith("time/") or key.endswith("_per_s")
 
 
 def _digest(path: Path) -> str:
@@ -279,7 +302,7 @@ def fingerprint(overrides: list[str], run_dir: Path) -> dict:
     metrics = []
     if (run_dir / "metrics.jsonl").exists():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            metrics.append({k: v for k, v in json.loads(line).items() if k not in IGNORED_METRICS})
+            metrics.append({k: v for k, v in json.loads(line).items() if not is_timing(k)})
     files = {}
     for path in sorted(run_dir.rglob("*")) if run_dir.exists() else []:
         rel = path.relative_to(run_dir).as_posix()
@@ -344,7 +367,9 @@ def paths(tmp_path_factory):
     (root / "dual.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dual))
     (root / "len_reward.py").write_text("def reward_fn(completions, **columns):\n"
                                         "    return [len(c) / 10 for c in completions]\n")
-    return {"hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
+    questions = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
+    (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions))
+    return {"questions_file": root / "questions.jsonl","hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
             "sft_file": root / "sft.jsonl", "text_file": root / "text.jsonl", "dual_file": root / "dual.jsonl",
             "len_reward": root / "len_reward.py",
             "root": root}

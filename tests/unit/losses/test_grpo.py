@@ -6,7 +6,8 @@ import statistics
 import pytest
 import torch
 
-from soup.losses.grpo import group_advantages, loss_units, policy_loss, reduce_loss, zero_std_groups
+from soup.losses.grpo import (group_advantages, loss_units, off_policy_mask, policy_loss, reduce_loss, rft_keep,
+                              zero_std_groups)
 
 EPS = 1e-4
 
@@ -63,7 +64,7 @@ def test_clip_higher_raises_only_the_upper_bound():
     out = policy_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 2), epsilon=0.2, epsilon_high=0.28)
     # token 1: min(1.5, 1.28) = 1.28; token 2: min(0.5, 0.8) = 0.5 (A > 0 keeps the lower ratio)
     torch.testing.assert_close(out.per_token, torch.tensor([[-1.28, -0.5]]))
-    assert out.metrics["clip_high"] == pytest.approx(0.5) and out.metrics["clip_low"] == 0.0
+    assert out.metrics["clip_ratio/high_mean"] == pytest.approx(0.5) and out.metrics["clip_ratio/low_mean"] == 0.0
 
 
 def test_two_sided_clipping_caps_the_ratio_of_negative_advantages():
@@ -113,6 +114,37 @@ def test_truncated_importance_sampling_caps_the_sampler_correction():
     torch.testing.assert_close(out.per_token, torch.tensor([[-2.0, -1.5]]))
 
 
+def test_off_policy_masking_drops_only_negative_advantages_far_from_the_sampler():
+    """DeepSeek-V3.2 eq. 9: keep unless A < 0 and mean_t(sampler - policy) > threshold."""
+    logps = torch.full((4, 2), -1.0)
+    sampler = torch.tensor([[-0.2, -0.6], [-0.2, -0.6], [-0.9, -1.0], [-1.0, -3.0]])
+    # mean KLs: 0.6, 0.6, 0.05, -1.0 (the last: the policy is more confident than the sampler was)
+    advantages = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    keep = off_policy_mask(advantages, logps, sampler, torch.ones(4, 2), threshold=0.5)
+    assert keep.squeeze(-1).tolist() == [1.0, 0.0, 1.0, 1.0]
+    out = policy_loss(logps, logps.clone(), advantages, torch.ones(4, 2), sampler_logps=sampler,
+                      off_policy_mask_threshold=0.5)
+    assert out.per_token[1].tolist() == [0.0, 0.0] and out.per_token[2].tolist() == [1.0, 1.0]
+    assert out.metrics["off_policy_masked"] == pytest.approx(0.25)
+
+
+def test_the_off_policy_kl_is_a_mean_over_the_completion_tokens_only():
+    logps = torch.tensor([[-1.0, -1.0, -1.0]])
+    sampler = torch.tensor([[-0.4, -0.4, 5.0]])  # the padded third token would push the mean over 0.5
+    keep = off_policy_mask(torch.tensor([-1.0]), logps, sampler, torch.tensor([[1, 1, 0]]), threshold=0.5)
+    assert keep.item() == 0.0  # mean over the two real tokens: 0.6
+    keep = off_policy_mask(torch.tensor([-1.0]), logps, sampler, torch.tensor([[1, 1, 0]]), threshold=0.7)
+    assert keep.item() == 1.0
+
+
+def test_rft_keeps_each_informative_groups_best_completions_and_trains_them_as_sft():
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.5, 2.0, 2.0, 2.0, 2.0, -3.0, -1.0, -2.0, -1.0])
+    assert rft_keep(rewards, 4).tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1]
+    logps = torch.tensor([[-0.5, -1.5], [-2.0, -1.0]], requires_grad=True)
+    out = policy_loss(logps, logps.detach(), torch.tensor([1.0, 0.0]), torch.ones(2, 2), objective="rft")
+    torch.testing.assert_close(out.per_token, torch.tensor([[0.5, 1.5], [0.0, 0.0]]))  # the NLL of the kept row
+
+
 # --- invariants ---------------------------------------------------------------------------------
 def test_on_the_first_pass_the_clipped_loss_is_the_policy_gradient():
     """ratio = 1, so the gradient of each token is -A (REINFORCE with the group baseline)."""
@@ -121,7 +153,7 @@ def test_on_the_first_pass_the_clipped_loss_is_the_policy_gradient():
     out = policy_loss(logps, logps.detach(), advantages, torch.ones(2, 2), epsilon=0.2, epsilon_high=0.28)
     (grad,) = torch.autograd.grad(out.per_token.sum(), logps)
     torch.testing.assert_close(grad, -advantages.unsqueeze(-1).expand(2, 2))
-    assert out.metrics["clip_region"] == 0.0
+    assert out.metrics["clip_ratio/region_mean"] == 0.0
 
 
 def test_equal_rewards_in_a_group_give_zero_gradient():

@@ -108,7 +108,9 @@ def test_a_memory_bomb_is_stopped(isolation):
     result = run_python("x = bytearray(10 * 2**30)", "", generous)  # 10 GiB at once
     assert result.status == "failed" and "MemoryError" in result.stderr
     result = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(2**26))", "", generous)
-    assert result.status == "failed" and "MemoryError" in result.stderr  # 64 MiB at a time, to the limit
+    # 64 MiB at a time, to the limit; zero-filling them costs CPU time, so on a loaded machine
+    # the CPU limit (a crash by SIGXCPU) may land first. Stopped and scored 0 either way.
+    assert (result.status == "failed" and "MemoryError" in result.stderr) or result.status == "crashed", result
 
 
 @pytest.mark.parametrize("isolation", MODES)

@@ -114,3 +114,27 @@ def test_temperature_scales_the_logits():
     out = process_logits(LOGITS, None, SamplingParams(8, temperature=0.5))
     assert out.tolist() == [[4.0, 2.0, 0.0, -2.0]]
     assert math.isclose(float(out.log_softmax(-1)[0, 0]), float((LOGITS / 0.5).log_softmax(-1)[0, 0]))
+
+
+def letters(ids):
+    """A decode for the toy vocabulary: token i is the letter i mod 26."""
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_a_stop_string_ends_the_completion_at_the_token_that_completes_it(model):
+    free = draw(model, PROMPTS, temperature=0.0)
+    text = letters(free.completion_ids[0, :int(free.lengths[0])].tolist())
+    stop = text[4:6]
+    end = next(t for t in range(len(text)) if stop in text[:t + 1])  # its first occurrence ends here
+    generator = torch.Generator().manual_seed(0)
+    stopped = sample(model, PROMPTS, SamplingParams(max_completion_length=12, temperature=0.0, stop=(stop,)),
+                     pad_id=PAD, stop_ids={STOP}, generator=generator, decode=letters)
+    assert int(stopped.lengths[0]) == end + 1 and not stopped.truncated[0]
+    assert letters(stopped.completion_ids[0, :end + 1].tolist()).endswith(stop)
+    assert torch.equal(stopped.completion_ids[0, :end + 1], free.completion_ids[0, :end + 1])
+
+
+def test_stop_strings_need_a_decode():
+    with pytest.raises(ValueError, match="decode"):
+        sample(torch.nn.Linear(1, 1), [[1]], SamplingParams(max_completion_length=2, stop=("x",)), pad_id=0,
+               stop_ids=set())
