@@ -10,6 +10,7 @@ redrawn in place) stays out of the file.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -61,3 +62,15 @@ def copied_to(log_path: Path) -> Iterator[RunConsole]:
         finally:
             sys.stdout = original
             console._file = None
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[RunConsole]:
+    """Drop stdout for the block (a rank other than 0 under torchrun); errors still go to stderr."""
+    original = sys.stdout
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    try:
+        yield RunConsole(None)
+    finally:
+        sys.stdout.close()
+        sys.stdout = original

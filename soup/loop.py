@@ -27,6 +27,7 @@ from tqdm import tqdm
 from soup.checkpoint import load_checkpoint, save_checkpoint
 from soup.config.resume import SCHEDULE_KEYS
 from soup.data.sampler import ResumableBatchSampler
+from soup.distributed import any_rank, current_world, no_sync, sum_across_ranks, sum_dict_across_ranks, unwrap
 from soup.errors import SoupError
 from soup.optim import build_optimizer, build_scheduler, effective_optimizer, prepare_for_eval, prepare_for_train
 from soup.tasks import Task
@@ -116,6 +117,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: int, device, precision: str) -> dict:
     """Loss per unit over `examples`, in order; the model is returned to train mode."""
     model.eval()
+    world = current_world()
+    examples = examples[world.rank::world.world_size]  # each rank its share; the sums are added up below
     loss_sum, units, metric_sums, metric_counts = 0.0, 0, {}, {}
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
@@ -125,6 +128,9 @@ def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: i
         loss_sum += float(out.loss_sum)
         accumulate(metric_sums, out.metric_sums)
         accumulate(metric_counts, out.metric_counts)
+    if world.distributed:
+        loss_sum, units = sum_across_ranks([loss_sum, units])
+        metric_sums, metric_counts = sum_dict_across_ranks(metric_sums), sum_dict_across_ranks(metric_counts)
     model.train()
     metrics = {"loss": loss_sum / max(units, 1)}
     metrics.update(average_metrics(metric_sums, metric_counts, units))
@@ -157,14 +163,17 @@ def train_loop(
     in later checkpoints. A run that resumes a changed length or lr recomputes each group's
     lr for the new schedule from the checkpoint's step on."""
     train_cfg = cfg.train
+    world = current_world()
     if sampler is None:
-        sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed)
+        sampler = ResumableBatchSampler(len(train_examples), train_cfg.micro_batch_size, cfg.seed,
+                                        rank=world.rank, world_size=world.world_size)
+    policy = unwrap(model)  # rollouts, evaluation and checkpoints use the model inside a DDP wrapper
     eval_collate = eval_collate or collate
     total_steps = total_optimizer_steps(train_cfg, sampler.batches_per_epoch, task.steps_per_draw)
     # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
     total_micro_batches = (None if train_cfg.max_steps is not None
                            else epochs_to_run(train_cfg) * sampler.batches_per_epoch)
-    optimizer = build_optimizer(model, cfg.optim, cfg.peft)
+    optimizer = build_optimizer(policy, cfg.optim, cfg.peft)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
     length = (f"train.max_steps={train_cfg.max_steps}" if train_cfg.max_steps is not None
               else f"{epochs_to_run(train_cfg)} epoch(s) of {sampler.batches_per_epoch} micro-batches")
@@ -178,7 +187,7 @@ def train_loop(
     change_history: list[dict] = []
     if resume_from is not None:
         new_base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        state, extra = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state, extra = load_checkpoint(resume_from, policy, optimizer, scheduler)
         if state["step"] > total_steps:
             raise SoupError(f"resume: {resume_from} is at step {state['step']}, past this run's length of "
                             f"{total_steps} steps.\n  fix: resume with a train.max_steps (or train.epochs) "
@@ -200,7 +209,7 @@ def train_loop(
         tracker.truncate_after(-1)
 
     def checkpoint_now() -> Path | None:
-        if not is_main_process:
+        if not (is_main_process and world.is_main):
             return None
         trainer_state = {
             "step": step, "trained_units": trained_units, "consumed_micro_batches": consumed_micro,
@@ -211,7 +220,7 @@ def train_loop(
         extra = {"task": task.state_dict()}
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
-        return save_checkpoint(checkpoints_dir, step, model, optimizer, scheduler, trainer_state,
+        return save_checkpoint(checkpoints_dir, step, policy, optimizer, scheduler, trainer_state,
                                train_cfg.keep_last_checkpoints, extra)
 
     def result(stop_reason: str, signum: int | None = None) -> LoopResult:
@@ -224,7 +233,7 @@ def train_loop(
             return None
         # Schedule-free optimizers evaluate at their averaged weights.
         prepare_for_eval(optimizer)
-        metrics = task.evaluate(model, val_examples, train_cfg.eval_batch_size, device)
+        metrics = task.evaluate(policy, val_examples, train_cfg.eval_batch_size, device)
         if metrics is None:
             metrics = evaluate(model, task, val_examples, eval_collate, train_cfg.eval_batch_size, device,
                                train_cfg.precision)
@@ -247,13 +256,16 @@ def train_loop(
             if total_micro_batches is not None:
                 n_micro = min(n_micro, total_micro_batches - consumed_micro)
             step_start = time.perf_counter()
-            task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, model)
+            task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, policy)
             draws = task.draws_rows(step)
             micro_rows = [[train_examples[i] for i in sampler.next_batch()] for _ in range(n_micro)] if draws else []
             # Offline tasks collate the rows; grpo's experience phase (rollouts, rewards) runs here.
-            micro_batches = task.prepare_step(micro_rows, collate, model, step)
+            micro_batches = task.prepare_step(micro_rows, collate, policy, step)
             consumed_micro += len(micro_rows)
-            step_units = sum(task.units(b) for b in micro_batches)
+            # The step's units over every rank, before any backward: each rank's gradient is scaled
+            # so that DDP's average over ranks is the gradient of the whole global batch.
+            local_units = sum(task.units(b) for b in micro_batches)
+            step_units = sum_across_ranks([local_units])[0]
             if step_units == 0 and not task.allows_empty_steps:
                 raise SoupError(f"step {step + 1}: no micro-batch holds a trained token; "
                                 "check data.train_on_responses_only and data.max_length.")
@@ -261,14 +273,19 @@ def train_loop(
             step_loss = torch.zeros((), device=device)
             metric_sums: dict[str, float] = {}
             metric_counts: dict[str, float] = {}
-            for batch in micro_batches if step_units else ():
-                with autocast_context(train_cfg.precision, device):
-                    out = task.forward(model, to_device(batch, device))
-                loss = out.loss_sum / step_units
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            for index, batch in enumerate(micro_batches if step_units else ()):
+                with no_sync(model, skip=index < len(micro_batches) - 1):
+                    with autocast_context(train_cfg.precision, device):
+                        out = task.forward(model, to_device(batch, device))
+                    loss = out.loss_sum * world.world_size / step_units
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += out.loss_sum.detach()
                 accumulate(metric_sums, out.metric_sums)
                 accumulate(metric_counts, out.metric_counts)
+            step_log = task.step_log()
+            if world.distributed:
+                step_loss, metric_sums, metric_counts, step_log = reduce_step(step_loss, metric_sums, metric_counts,
+                                                                              step_log, world.world_size)
 
             lr = optimizer.param_groups[0]["lr"]
             if step_units:
@@ -296,25 +313,42 @@ def train_loop(
                 tracker.log({
                     "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                     f"trained_{task.unit_name}": step_units, f"trained_{task.unit_name}_per_s": rate,
+                    "time/step_s": step_time,
                     "peak_memory_mb": peak_memory_mb(device),
                     "epoch": consumed_micro / sampler.batches_per_epoch,
-                    **average_metrics(metric_sums, metric_counts, step_units), **task.step_log(),
+                    **average_metrics(metric_sums, metric_counts, step_units), **step_log,
                 }, step)
 
             if train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0:
                 last_eval, evaluated_at = run_eval(), step
             if train_cfg.save_every_steps and step % train_cfg.save_every_steps == 0:
                 last_checkpoint = checkpoint_now()
-            if stop.signum is not None:
+            if any_rank(stop.signum is not None):  # every rank stops at the same step
+                signum = stop.signum or signal.SIGTERM
                 last_checkpoint = checkpoint_now()
                 bar.close()
-                print(f"[soup] stopped by signal {stop.signum} at step {step}; checkpoint: {last_checkpoint}")
-                return result("signal", stop.signum)
+                print(f"[soup] stopped by signal {signum} at step {step}; checkpoint: {last_checkpoint}")
+                return result("signal", signum)
     bar.close()
     if evaluated_at != step:
         last_eval = run_eval()
     prepare_for_eval(optimizer)  # the final save holds the weights to evaluate
     return result("max_steps" if train_cfg.max_steps is not None else "epochs")
+
+
+def reduce_step(step_loss: torch.Tensor, metric_sums: dict, metric_counts: dict, step_log: dict,
+                world_size: int) -> tuple:
+    """A step's sums over every rank (one collective): the loss and metric sums and counts
+    add up; the task's own per-step figures (grpo's rewards) are averaged."""
+    keys = {"loss": float(step_loss), **{f"sum/{k}": v for k, v in metric_sums.items()},
+            **{f"count/{k}": v for k, v in metric_counts.items()}, **{f"log/{k}": v for k, v in step_log.items()}}
+    total = sum_dict_across_ranks(keys)
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in total.items() if k.startswith(prefix)}
+
+    return (torch.tensor(total["loss"]), part("sum/"), part("count/"),
+            {k: v / world_size for k, v in part("log/").items()})
 
 
 def clipped_optimizer_step(optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float) -> torch.Tensor:

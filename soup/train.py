@@ -28,11 +28,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from soup.checkpoint import atomic_directory, resolve_resume
 from soup.config import register_configs, resolve_device, validate
 from soup.config.resume import check_resume_config, config_changes
-from soup.console import copied_to
+from soup.console import copied_to, silenced
+from soup.distributed import (barrier, broadcast_from_main, check_launch, current_world, end_process_group,
+                              start_process_group, unwrap)
 from soup.errors import ConfigError, SoupError
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
@@ -44,7 +47,7 @@ from soup.models.load import apply_peft, build_model, build_tokenizer, count_par
 from soup.precision import describe_precision, resolve_precision
 from soup.run_dir import finished_record, objective_of, prepare_fresh_run_dir
 from soup.tasks import build_task
-from soup.tracking import open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
+from soup.tracking import NullTracker, open_tracker, peak_memory_mb, plot_loss_curves, write_run_record
 
 register_configs()
 # conf/ sits beside the package in the source tree (soup is installed editable).
@@ -84,12 +87,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     user set from a default (soup/config/scope.py)."""
     started = time.time()
     validate(cfg, overrides)
-    if cfg.resume is None:
+    world = current_world()
+    check_launch(cfg.parallelism.name, world)
+    if cfg.resume is None and world.is_main:
         removed = prepare_fresh_run_dir(run_dir, cfg.overwrite)
         if removed:
             print(f"[soup] overwrite=true: deleted {', '.join(removed)} from {run_dir}")
+    barrier()  # no rank reads the run dir before rank 0 has cleared it
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, world.local_rank)
     # Resolved once, before anything reads it: every later reader sees fp32, bf16 or fp16, never auto.
     requested_precision = cfg.train.precision
     cfg.train.precision = resolve_precision(requested_precision, device)
@@ -134,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     else:
         model = build_model(cfg.model, tokenizer, cfg.seed)
         model = apply_peft(model, cfg.peft, cfg.seed).to(device)
-    if cfg.peft.name != "none":
+    if cfg.peft.name != "none" and world.is_main:
         save_initial_adapter(model, cfg.peft.name, run_dir / "initial_adapter")
     if cfg.train.neftune_alpha is not None:
         add_neftune(model, cfg.train.neftune_alpha)
@@ -148,12 +154,20 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     for line in task.setup(model, cfg, data, device, lambda: autocast_context(cfg.train.precision, device)):
         print(f"[soup] {line}")
     sample_batch = data.collate(data.train[: cfg.train.micro_batch_size])
+    if not isinstance(sample_batch, dict):  # grpo's rows are prompts; kernels=auto then times a synthetic batch
+        sample_batch = None
     model, features = apply_memory_features(model, cfg, run_dir, device, sample_batch)
     for line in features.lines:
         print(f"[soup] {line}")
+    if world.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        print(f"[soup] parallelism: {cfg.parallelism.name}, {world.world_size} ranks "
+              f"({torch.distributed.get_backend()}); each step {world.world_size} x {cfg.train.grad_accum_steps} "
+              f"micro-batches of {cfg.train.micro_batch_size}")
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    tracker = open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None)
+    tracker = (open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None) if world.is_main
+               else NullTracker())
     print(f"[soup] {tracker.describe()}")
     try:
         result = train_loop(cfg, model, task, data.train, data.val, data.collate, run_dir, tracker, device,
@@ -165,6 +179,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     for line in features.summaries():
         print(f"[soup] {line}")
 
+    model = unwrap(model)
+    if not world.is_main:
+        barrier()  # until rank 0 has saved final/ and run.json
+        if result.interrupted:
+            raise RunInterrupted(result.signum)
+        return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss
     if not result.interrupted:
         stop_on_end_of_turn(model, tokenizer)
         # Written beside final/ and renamed when complete: a run killed mid-save leaves no half final/.
@@ -202,6 +222,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png",
                      title=f"{cfg.task.name} | {model_label(cfg)} | {run_dir.name}")
     print(f"[soup] run dir: {run_dir}")
+    barrier()
     if result.interrupted:
         print("  resume with: python -m soup.train " + " ".join(shlex.quote(o) for o in resume_overrides(overrides, run_dir)))
         raise RunInterrupted(result.signum)
@@ -235,7 +256,10 @@ def resume_config_changes(cfg: DictConfig, checkpoint: Path) -> list[dict]:
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    with copied_to(run_dir / f"{hydra_cfg.job.name}.log") as console:
+    # Rank 0 speaks for the run; the other ranks' output would repeat it (their errors still show).
+    console_of_rank = (copied_to(run_dir / f"{hydra_cfg.job.name}.log") if current_world().is_main
+                       else silenced())
+    with console_of_rank as console:
         try:
             return run(cfg, run_dir, list(hydra_cfg.overrides.task))
         except SoupError as exc:
@@ -256,6 +280,9 @@ def cli() -> None:
     exit with soup's user-error status too, not Hydra's 1, which a crash in soup also gives."""
     from hydra.errors import HydraException
 
+    world = start_process_group()
+    if world.distributed:
+        agree_on_run_dir()
     try:
         main()
     except SystemExit as exit_:
@@ -263,6 +290,18 @@ def cli() -> None:
         if exit_.code == 1 and isinstance(exit_.__context__, HydraException):
             sys.exit(USER_ERROR)
         raise
+    finally:
+        end_process_group()
+
+
+def agree_on_run_dir() -> None:
+    """Under torchrun every rank composes the config itself, and `${now:...}` in the default
+    run dir could fall on different seconds: all ranks take rank 0's run dir."""
+    argv = sys.argv[1:]
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return
+    chosen = broadcast_from_main(time.strftime("outputs/%Y-%m-%d/%H-%M-%S"))
+    sys.argv.append(f"hydra.run.dir={chosen}")
 
 
 if __name__ == "__main__":

@@ -276,8 +276,8 @@ class OffloadConfig:
 
 @dataclass
 class ParallelismConfig:
-    """How the model is spread over processes: single (one process, one device) is the
-    only option until ddp / fsdp2 / deepspeed land."""
+    """How the model is spread over processes: single (one process, one device) or ddp
+    (one process per rank under torchrun, a full copy each, gradients averaged)."""
 
     name: str = MISSING
 

@@ -33,7 +33,7 @@ KERNELS = ("none", "liger", "flash_attn", "compile", "auto")
 CUT_CE = ("off", "chunked", "cce")
 CHECKPOINTING = ("none", "full", "medium", "selective", "auto")
 OFFLOADS = ("none", "cpu", "disk")
-PARALLELISMS = ("single",)
+PARALLELISMS = ("single", "ddp")
 PEFTS = ("none", "lora", "dora", "rslora", "vera", "olora", "pissa", "loftq")
 LORA_INITS = ("default", "gaussian")
 OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "lion", "lion_8bit", "adafactor",
@@ -45,9 +45,12 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """train.device as a torch.device; on CUDA each rank of a multi-process run takes the GPU of its local rank."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(requested)
 
 
@@ -99,6 +102,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_preference(cfg, need)
     if cfg.task.name == "grpo":
         _check_grpo(cfg, need)
+    if cfg.parallelism.name == "ddp":
+        _check_ddp(cfg, need)
     _check_model(cfg, need)
     _check_data(cfg, need)
     _check_train(cfg, need)
@@ -313,6 +318,18 @@ def _check_optim(cfg: DictConfig, need) -> None:
     if cfg.tracker.name == "wandb":
         need(cfg.tracker.mode in ("offline", "online", "disabled"),
              "tracker.mode must be offline, online or disabled.")
+
+
+def _check_ddp(cfg: DictConfig, need) -> None:
+    """What one process per rank cannot do yet, refused rather than done differently on each rank."""
+    one = "parallelism=ddp"
+    need(cfg.kernels.name != "auto", f"{one} with kernels=auto: each rank would time the candidates itself and could "
+                                     "pick differently. Name the kernels (kernels=compile, or kernels=none).")
+    need(cfg.offload.name != "disk", f"{one} with offload=disk: the ranks would share one scratch directory. "
+                                     "Use offload=none (or parallelism=single).")
+    reference = cfg.task.get("reference")
+    need(reference != "precomputed", f"{one} with task.reference=precomputed: every rank would write the same "
+                                     "reference cache. Use task.reference=auto (or copy / adapter).")
 
 
 def _check_grpo(cfg: DictConfig, need) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from soup.distributed import current_world
 from soup.losses.grpo import (group_advantages, loss_units, policy_loss, reduce_loss, rft_keep,
                               zero_std_groups)
 from soup.rewards import score
@@ -223,7 +224,9 @@ class GRPOTask(Task):
         s, group = self.settings, self.settings.num_generations
         started = time.perf_counter()
         prompts = [row["prompt_ids"] for row in rows for _ in range(group)]
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed * 1_000_003 + step)
+        # Seeded by the step (a resumed run draws the same) and the rank (ranks draw differently).
+        seed = s.seed * 1_000_003 + step + current_world().rank * 100_000_007
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         rollout = sample(model, prompts, s.sampling, pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
                          generator=generator, decode=self.tokenizer.decode)
         rollout_s = time.perf_counter() - started

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from soup.data.shared_prompt import TARGET_KEYS
+from soup.distributed import unwrap
 from soup.losses.sft import IGNORE_INDEX
 
 # Batch entries that are targets or side information, not model inputs.
@@ -46,8 +47,8 @@ def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on selected hidden states, in fp32, with the model's logit soft-capping if any."""
-    logits = model.get_output_embeddings()(hidden).float()
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    logits = unwrap(model).get_output_embeddings()(hidden).float()
+    softcap = getattr(getattr(unwrap(model), "config", None), "final_logit_softcapping", None)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return logits

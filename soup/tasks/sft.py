@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from soup.distributed import unwrap
 from soup.losses.sft import count_trained_tokens
 from soup.tasks.base import Task, TaskData, TaskOutput
 from soup.tasks.logps import head_logits, labelled_hidden_states
@@ -35,7 +36,7 @@ class SFTTask(Task):
         hidden, targets, _ = labelled_hidden_states(model, batch)
         if self.cut_ce == "off":
             return TaskOutput(loss_sum=F.cross_entropy(head_logits(model, hidden), targets, reduction="sum"))
-        head = model.get_output_embeddings()
+        head = unwrap(model).get_output_embeddings()
         softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         if self.cut_ce == "chunked":
             from soup.memory.chunked_ce import linear_cross_entropy

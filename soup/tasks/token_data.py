@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from soup.data import build_datasets, collate_padded
 from soup.data.dataset import DEMO_FILES, resolve_data_path
 from soup.data.packing import collate_packed, pack_examples, packing_efficiency
+from soup.distributed import current_world
 from soup.tasks.base import TaskData
 
 
@@ -69,8 +70,9 @@ def arrange_batches(cfg: DictConfig, examples: list, padded_collate, tokenizer):
             return collate_packed(batch_rows, tokenizer.pad_token_id, True, cfg.model.attn_implementation)
 
         eval_collate = padded_collate
+    world = current_world()
     sampler = MultipackBatchSampler([len(item["input_ids"]) for item in items], cfg.train.micro_batch_size,
-                                    cfg.data.max_length, cfg.seed,
+                                    cfg.data.max_length, cfg.seed, rank=world.rank, world_size=world.world_size,
                                     max_items_per_bin=cfg.data.multipack_max_items_per_bin,
                                     max_mask_cells=cfg.data.multipack_max_mask_cells)
     line = (f"multipack ({cfg.data.multipack_layout}: {len(items)} {what}): {sampler.batches_per_epoch} bins "

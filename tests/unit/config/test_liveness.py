@@ -212,7 +212,9 @@ BASE_ERRORS = {"model.trust_remote_code": "trust_remote_code"}
 EXEMPT = {
     "backend.name": "one option (transformers): the group exists so that a second modelling library is an "
                     "option, not a refactor; conf/backend/transformers.yaml and the README say so",
-    "parallelism.name": "one option (single) until the scale-out issue adds ddp/fsdp2/deepspeed",
+    "parallelism.name": "ddp needs torchrun's processes, which an in-process run cannot start; "
+                        "tests/integration/test_distributed.py runs it under torchrun and pins that it matches "
+                        "one process with the global batch, and that parallelism=ddp without torchrun is refused",
     "train.progress_bar": "cosmetic (a tqdm bar on stderr); tests/unit/test_loop.py pins that it can be turned off",
     "train.device": "cpu and auto are the same device on a machine without CUDA; cuda there is rejected "
                     "(tests/unit/config/test_compose.py), and tests/gpu runs on auto=cuda",

@@ -1,0 +1,147 @@
+"""Several processes training one model: the process group, who writes, and the sums.
+
+    torchrun --nproc_per_node 2 -m soup.train parallelism=ddp
+
+torchrun starts one process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address; soup joins them into one process group (gloo on CPU, nccl on CUDA,
+each rank on the GPU of its LOCAL_RANK). Every rank builds the same data and model from
+the same seed; the samplers give each rank its share of every step; the loop sums the
+step's loss units over all ranks before the backward, so a step's gradient is that of
+the whole global batch. Rank 0 alone writes the run directory, the log and the metrics.
+
+A single-process run has world_size 1 and every helper here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from soup.errors import ConfigError
+
+DISTRIBUTED = ("ddp",)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def current_world() -> World:
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def start_process_group() -> World:
+    """Join torchrun's process group (once per process); SINGLE when not launched by torchrun."""
+    if not launched_by_torchrun():
+        return SINGLE
+    if not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return current_world()
+
+
+def check_launch(parallelism: str, world: World) -> None:
+    """parallelism=ddp needs torchrun's ranks, and torchrun's ranks need a parallelism that uses them."""
+    if parallelism in DISTRIBUTED and not launched_by_torchrun():
+        raise ConfigError(f"parallelism={parallelism} runs one process per rank, started by torchrun.\n"
+                          f"  fix: torchrun --nproc_per_node 2 -m soup.train parallelism={parallelism} ... "
+                          "(or parallelism=single for one process).")
+    if parallelism not in DISTRIBUTED and world.distributed:
+        raise ConfigError(f"torchrun started {world.world_size} processes, but parallelism={parallelism} trains in "
+                          "one: each would train its own copy.\n  fix: add parallelism=ddp, or run with "
+                          "python -m soup.train.")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums over every rank (the values themselves in one process)."""
+    if not current_world().distributed or not values:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def sum_dict_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key summed over every rank; a key some ranks lack counts 0 there."""
+    if not current_world().distributed:
+        return dict(values)
+    keys = sorted(set().union(*all_gather_objects(sorted(values))))
+    return dict(zip(keys, sum_across_ranks([values.get(k, 0.0) for k in keys])))
+
+
+def all_gather_objects(value) -> list:
+    world = current_world()
+    if not world.distributed:
+        return [value]
+    gathered = [None] * world.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank."""
+    if not current_world().distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (a signal that reached one rank stops all)."""
+    return sum_across_ranks([1.0 if flag else 0.0])[0] > 0 if current_world().distributed else flag
+
+
+def barrier() -> None:
+    if current_world().distributed:
+        dist.barrier()
+
+
+def no_sync(model: torch.nn.Module, skip: bool):
+    """DDP's no_sync when `skip` (a micro-batch before the step's last): gradients add up
+    locally and are averaged across ranks once, in the last micro-batch's backward."""
+    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def end_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
