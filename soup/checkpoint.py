@@ -14,6 +14,10 @@ checkpoints/step-N/
     trainer_state.json  step, sampler position, counters, the config that wrote it
     manifest.json       size and sha256 of every file above, written last
 
+Under parallelism=fsdp2 the weights and the optimizer state are torch.distributed.checkpoint
+shards instead (.metadata and one .distcp file per rank, in place of model.safetensors and
+optimizer.pt), written by every rank and listed in the same manifest (soup/fsdp.py).
+
 Nothing here unpickles code: every .pt file loads with torch.load(weights_only=True),
 which accepts tensors and plain containers only, so a crafted file is refused rather
 than run. A resume verifies the manifest first: resume=auto skips a corrupt newest
@@ -46,6 +50,11 @@ from soup.errors import SoupError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+SHARDED_REQUIRED_FILES = (".metadata", "scheduler.pt", "rng.pt", "trainer_state.json")
+
+
+def required_files(path: Path) -> tuple[str, ...]:
+    return SHARDED_REQUIRED_FILES if (path / ".metadata").is_file() else REQUIRED_FILES
 MANIFEST = "manifest.json"
 
 
@@ -193,17 +202,49 @@ def save_checkpoint(
                 shutil.rmtree(leftover, ignore_errors=True)
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
         save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_tensors(scheduler.state_dict(), tmp / "scheduler.pt")
-        save_tensors(capture_rng(), tmp / "rng.pt")
-        if extra_state:
-            save_tensors(extra_state, tmp / "extra.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        write_manifest(tmp)
-    # Only now that step-N is complete; and never step-N itself, which a higher-numbered
-    # checkpoint (a corrupt one resume=auto skipped) would otherwise push out with keep_last=1.
+        _write_run_state(tmp, scheduler, trainer_state, extra_state)
+    _prune(checkpoints_dir, keep_last, final)
+    return final
+
+
+def _write_run_state(tmp: Path, scheduler, trainer_state: dict, extra_state: dict | None) -> None:
+    """What every checkpoint holds besides the weights and optimizer state, then the manifest."""
+    save_tensors(scheduler.state_dict(), tmp / "scheduler.pt")
+    save_tensors(capture_rng(), tmp / "rng.pt")
+    if extra_state:
+        save_tensors(extra_state, tmp / "extra.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    write_manifest(tmp)
+
+
+def _prune(checkpoints_dir: Path, keep_last: int, newest: Path) -> None:
+    """Only once `newest` is complete; and never `newest` itself, which a higher-numbered
+    checkpoint (a corrupt one resume=auto skipped) would otherwise push out with keep_last=1."""
     for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-        if old != final:
+        if old != newest:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+                            trainer_state: dict, keep_last: int, extra_state: dict | None = None) -> Path | None:
+    """save_checkpoint for a sharded (fsdp2) model; every rank calls it. Rank 0 opens the
+    temporary directory and tells the others; all write their shards into it; rank 0 adds
+    its files and the manifest, then renames and prunes as save_checkpoint does."""
+    from soup.distributed import barrier, broadcast_from_main, current_world
+    from soup.fsdp import save_sharded
+
+    final = checkpoints_dir / f"step-{step}"
+    if not current_world().is_main:
+        save_sharded(Path(broadcast_from_main(None)), model, optimizer)
+        barrier()  # rank 0 writes the rest and renames
+        barrier()
+        return None
+    with atomic_directory(final) as tmp:
+        save_sharded(Path(broadcast_from_main(str(tmp))), model, optimizer)
+        barrier()
+        _write_run_state(tmp, scheduler, trainer_state, extra_state)
+    _prune(checkpoints_dir, keep_last, final)
+    barrier()
     return final
 
 
@@ -281,7 +322,7 @@ def verify_checkpoint(path: Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return f"{path} does not exist or is not a directory"
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    missing = [name for name in required_files(path) if not (path / name).is_file()]
     if missing:
         return f"{path} is not a complete checkpoint (missing {', '.join(missing)})"
     signature = _signature(path)
@@ -308,7 +349,7 @@ def _manifest_problem(path: Path) -> str | None:
         expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest.items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{path / MANIFEST} is unreadable or malformed ({exc.__class__.__name__}: {exc})"
-    unlisted = [name for name in REQUIRED_FILES if name not in expected]
+    unlisted = [name for name in required_files(path) if name not in expected]
     if unlisted:
         return f"{path / MANIFEST} does not list {', '.join(unlisted)} (altered)"
     for name, (size, digest) in expected.items():
@@ -383,8 +424,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
         raise SoupError(f"resume: {reason}.\n  fix: point resume at an intact checkpoints/step-N directory, "
                         "or use resume=auto.")
     trainer_state = _read_json(path / "trainer_state.json")
-    _copy_weights(path, _read_safetensors(path / "model.safetensors"), model)
-    _restore(path / "optimizer.pt", optimizer.load_state_dict, "this optimizer (optim settings, trainable weights)")
+    if required_files(path) is SHARDED_REQUIRED_FILES:
+        from soup.fsdp import is_sharded, load_sharded
+
+        if not is_sharded(model):
+            raise SoupError(f"resume: {path} holds sharded weights (parallelism=fsdp2), and this run does not "
+                            "shard.\n  fix: resume with the parallelism and number of ranks that wrote it.")
+        load_sharded(path, model, optimizer)
+    else:
+        _copy_weights(path, _read_safetensors(path / "model.safetensors"), model)
+        _restore(path / "optimizer.pt", optimizer.load_state_dict, "this optimizer (optim settings, trainable weights)")
     _restore(path / "scheduler.pt", scheduler.load_state_dict, "this lr schedule")
     _restore(path / "rng.pt", restore_rng, "the generator states soup writes")
     extra = load_tensors(path / "extra.pt") if (path / "extra.pt").exists() else {}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from soup.errors import ConfigError
 
-DISTRIBUTED = ("ddp",)
+DISTRIBUTED = ("ddp", "fsdp2")
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,14 @@ def barrier() -> None:
 
 
 def no_sync(model: torch.nn.Module, skip: bool):
-    """DDP's no_sync when `skip` (a micro-batch before the step's last): gradients add up
-    locally and are averaged across ranks once, in the last micro-batch's backward."""
+    """No gradient communication when `skip` (a micro-batch before the step's last): gradients
+    add up locally and are averaged across ranks once, in the last micro-batch's backward
+    (DDP's no_sync; FSDP2's gradient sync switched off, then on for the last)."""
+    from soup.fsdp import is_sharded, set_gradient_sync
+
+    if is_sharded(model):
+        set_gradient_sync(model, not skip)
+        return contextlib.nullcontext()
     if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()

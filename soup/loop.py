@@ -24,10 +24,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from soup.checkpoint import load_checkpoint, save_checkpoint
+from soup.checkpoint import (capture_rng, load_checkpoint, restore_rng, save_checkpoint,
+                             save_sharded_checkpoint)
 from soup.config.resume import SCHEDULE_KEYS
 from soup.data.sampler import ResumableBatchSampler
-from soup.distributed import any_rank, current_world, no_sync, sum_across_ranks, sum_dict_across_ranks, unwrap
+from soup.distributed import (all_gather_objects, any_rank, current_world, no_sync, sum_across_ranks,
+                              sum_dict_across_ranks, unwrap)
+from soup.fsdp import is_sharded
 from soup.errors import SoupError
 from soup.optim import build_optimizer, build_scheduler, effective_optimizer, prepare_for_eval, prepare_for_train
 from soup.tasks import Task
@@ -188,6 +191,8 @@ def train_loop(
     if resume_from is not None:
         new_base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         state, extra = load_checkpoint(resume_from, policy, optimizer, scheduler)
+        if world.distributed:
+            restore_rng(extra["rank_rng"][world.rank])  # rng.pt holds rank 0's; each rank had its own
         if state["step"] > total_steps:
             raise SoupError(f"resume: {resume_from} is at step {state['step']}, past this run's length of "
                             f"{total_steps} steps.\n  fix: resume with a train.max_steps (or train.epochs) "
@@ -209,7 +214,8 @@ def train_loop(
         tracker.truncate_after(-1)
 
     def checkpoint_now() -> Path | None:
-        if not (is_main_process and world.is_main):
+        rank_rng = all_gather_objects(capture_rng()) if world.distributed else None
+        if not is_main_process:
             return None
         trainer_state = {
             "step": step, "trained_units": trained_units, "consumed_micro_batches": consumed_micro,
@@ -218,8 +224,15 @@ def train_loop(
             "config": config_record, "resume_changes": change_history,
         }
         extra = {"task": task.state_dict()}
+        if rank_rng is not None:
+            extra["rank_rng"] = rank_rng
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
+        if is_sharded(policy):  # every rank writes its shards; rank 0 the rest
+            return save_sharded_checkpoint(checkpoints_dir, step, policy, optimizer, scheduler, trainer_state,
+                                           train_cfg.keep_last_checkpoints, extra)
+        if not world.is_main:
+            return None
         return save_checkpoint(checkpoints_dir, step, policy, optimizer, scheduler, trainer_state,
                                train_cfg.keep_last_checkpoints, extra)
 
@@ -357,6 +370,8 @@ def clipped_optimizer_step(optimizer: torch.optim.Optimizer, scaler, max_grad_no
         scaler.unscale_(optimizer)
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients (fsdp2): the norm of the whole
+        grad_norm = grad_norm.full_tensor()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -37,6 +37,7 @@ from soup.console import copied_to, silenced
 from soup.distributed import (barrier, broadcast_from_main, check_launch, current_world, end_process_group,
                               start_process_group, unwrap)
 from soup.errors import ConfigError, SoupError
+from soup.fsdp import full_state_dict, is_sharded, shard_model
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
 from soup.models.adapters import save_final_adapter, save_initial_adapter
@@ -159,8 +160,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     model, features = apply_memory_features(model, cfg, run_dir, device, sample_batch)
     for line in features.lines:
         print(f"[soup] {line}")
-    if world.distributed:
+    if cfg.parallelism.name == "fsdp2":
+        model = shard_model(model, cfg.train.precision, cfg.parallelism.reshard_after_forward,
+                            cfg.parallelism.cpu_offload)
+    elif world.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world.distributed:
         print(f"[soup] parallelism: {cfg.parallelism.name}, {world.world_size} ranks "
               f"({torch.distributed.get_backend()}); each step {world.world_size} x {cfg.train.grad_accum_steps} "
               f"micro-batches of {cfg.train.micro_batch_size}")
@@ -180,6 +185,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         print(f"[soup] {line}")
 
     model = unwrap(model)
+    if is_sharded(model):  # final/ is one plain model: the full weights, gathered on rank 0
+        full = full_state_dict(model)
+        model = plain_model(cfg, tokenizer, full) if world.is_main else None
     if not world.is_main:
         barrier()  # until rank 0 has saved final/ and run.json
         if result.interrupted:
@@ -227,6 +235,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         print("  resume with: python -m soup.train " + " ".join(shlex.quote(o) for o in resume_overrides(overrides, run_dir)))
         raise RunInterrupted(result.signum)
     return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss
+
+
+def plain_model(cfg: DictConfig, tokenizer, state: dict) -> torch.nn.Module:
+    """A one-process copy of the trained model (its adapters included) holding `state`."""
+    model = apply_peft(build_model(cfg.model, tokenizer, cfg.seed), cfg.peft, cfg.seed)
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def model_label(cfg: DictConfig) -> str:

@@ -276,10 +276,14 @@ class OffloadConfig:
 
 @dataclass
 class ParallelismConfig:
-    """How the model is spread over processes: single (one process, one device) or ddp
-    (one process per rank under torchrun, a full copy each, gradients averaged)."""
+    """How the model is spread over processes: single (one process, one device), ddp
+    (one process per rank under torchrun, a full copy each, gradients averaged) or fsdp2
+    (one process per rank, every weight, gradient and optimizer state sharded)."""
 
     name: str = MISSING
+    # fsdp2: free a block's gathered weights after its forward; keep shards in host memory (CUDA).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
 
 
 @dataclass

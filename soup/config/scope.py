@@ -191,6 +191,9 @@ def _build_scopes() -> dict[str, Scope]:
         # offload
         "offload.scratch_dir": choice("offload.name", "disk"),
         "offload.min_bytes": choice("offload.name", "disk", "cpu"),
+        # parallelism
+        "parallelism.reshard_after_forward": choice("parallelism.name", "fsdp2"),
+        "parallelism.cpu_offload": choice("parallelism.name", "fsdp2"),
         # sched
         "sched.min_lr_ratio": choice("sched.name", "linear", "cosine"),
         # tracker

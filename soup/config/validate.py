@@ -33,7 +33,7 @@ KERNELS = ("none", "liger", "flash_attn", "compile", "auto")
 CUT_CE = ("off", "chunked", "cce")
 CHECKPOINTING = ("none", "full", "medium", "selective", "auto")
 OFFLOADS = ("none", "cpu", "disk")
-PARALLELISMS = ("single", "ddp")
+PARALLELISMS = ("single", "ddp", "fsdp2")
 PEFTS = ("none", "lora", "dora", "rslora", "vera", "olora", "pissa", "loftq")
 LORA_INITS = ("default", "gaussian")
 OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "lion", "lion_8bit", "adafactor",
@@ -102,8 +102,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_preference(cfg, need)
     if cfg.task.name == "grpo":
         _check_grpo(cfg, need)
-    if cfg.parallelism.name == "ddp":
-        _check_ddp(cfg, need)
+    if cfg.parallelism.name in ("ddp", "fsdp2"):
+        _check_ranks(cfg, need)
     _check_model(cfg, need)
     _check_data(cfg, need)
     _check_train(cfg, need)
@@ -320,9 +320,9 @@ def _check_optim(cfg: DictConfig, need) -> None:
              "tracker.mode must be offline, online or disabled.")
 
 
-def _check_ddp(cfg: DictConfig, need) -> None:
-    """What one process per rank cannot do yet, refused rather than done differently on each rank."""
-    one = "parallelism=ddp"
+def _check_ranks(cfg: DictConfig, need) -> None:
+    """What several processes cannot do yet, refused rather than done differently on each rank."""
+    one = f"parallelism={cfg.parallelism.name}"
     need(cfg.kernels.name != "auto", f"{one} with kernels=auto: each rank would time the candidates itself and could "
                                      "pick differently. Name the kernels (kernels=compile, or kernels=none).")
     need(cfg.offload.name != "disk", f"{one} with offload=disk: the ranks would share one scratch directory. "
@@ -330,6 +330,18 @@ def _check_ddp(cfg: DictConfig, need) -> None:
     reference = cfg.task.get("reference")
     need(reference != "precomputed", f"{one} with task.reference=precomputed: every rank would write the same "
                                      "reference cache. Use task.reference=auto (or copy / adapter).")
+    if cfg.parallelism.name != "fsdp2":
+        return
+    need(cfg.task.name != "grpo", f"{one} with task=grpo: rollouts gather the sharded weights at every decoded "
+                                  "token, in lockstep across ranks, which the decode loop does not keep yet. Use "
+                                  "parallelism=ddp for GRPO.")
+    need(cfg.quant.name in ("none", "fp8"), f"{one} with quant={cfg.quant.name}: sharding bitsandbytes weights "
+                                            "is not wired yet. Use parallelism=ddp with quantised bases.")
+    need(cfg.kernels.name == "none", f"{one} with kernels={cfg.kernels.name}: torch.compile around sharded "
+                                     "blocks is not wired yet. Use kernels=none.")
+    need(not cfg.parallelism.cpu_offload or cfg.train.device != "cpu" and torch.cuda.is_available(),
+         f"{one} with parallelism.cpu_offload=true moves the shards from GPU to host memory; without CUDA "
+         "they are there already. Use parallelism.cpu_offload=false.")
 
 
 def _check_grpo(cfg: DictConfig, need) -> None:

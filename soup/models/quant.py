@@ -7,6 +7,7 @@ quantised weights are frozen; adapters train on top of them.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -63,10 +64,22 @@ def quantize_built_model(model, quant_cfg: DictConfig, device: torch.device, **k
     """Quantise a model that exists only in memory (model=tiny) by a save/load round trip.
 
     `kwargs` go to from_pretrained: the built model's attention implementation and dtype
-    are not in its saved config, so the caller passes them again."""
-    with tempfile.TemporaryDirectory(prefix="soup-quant-") as scratch:
-        model.save_pretrained(scratch)
+    are not in its saved config, so the caller passes them again. Under torchrun
+    transformers saves on rank 0 only, so every rank loads rank 0's copy (the same weights:
+    one seed)."""
+    from soup.distributed import barrier, broadcast_from_main, current_world
+
+    world = current_world()
+    scratch = broadcast_from_main(tempfile.mkdtemp(prefix="soup-quant-") if world.is_main else None)
+    try:
+        if world.is_main:
+            model.save_pretrained(scratch)
+        barrier()
         return load_quantized(scratch, quant_cfg, device, **kwargs)
+    finally:
+        barrier()
+        if world.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def prepare_for_adapters(model):

@@ -1,5 +1,5 @@
-"""parallelism=ddp for real: torchrun starts 2 processes that join a gloo process group on
-this CPU. A run of 2 ranks x micro_batch_size 4 sees, each step, the same 8 examples as one
+"""parallelism=ddp and fsdp2 for real: torchrun starts 2 processes that join a gloo process
+group on this CPU. A run of 2 ranks x micro_batch_size 4 sees, each step, the same 8 examples as one
 process with micro_batch_size 8 (the sampler gives rank r the r-th slice of each step), and
 its gradient is the gradient of their token mean (units summed over ranks before the
 backward, DDP's average undone by x world size). So the two runs agree up to the order
@@ -23,9 +23,12 @@ BASE = ["debug=tiny", "train.max_steps=6", "train.grad_accum_steps=1", "train.ev
         "train.progress_bar=false"]
 
 
-def torchrun(run_dir: Path, *overrides: str, check: bool = True):
-    return run_cli("--standalone", "--nproc_per_node=2", "-m", "soup.train", "parallelism=ddp", *overrides,
-                   f"hydra.run.dir={run_dir}", module="torch.distributed.run", check=check, timeout=600)
+PARALLELISMS = ["ddp", "fsdp2"]
+
+
+def torchrun(run_dir: Path, *overrides: str, parallelism: str = "ddp", check: bool = True):
+    return run_cli("--standalone", "--nproc_per_node=2", "-m", "soup.train", f"parallelism={parallelism}",
+                   *overrides, f"hydra.run.dir={run_dir}", module="torch.distributed.run", check=check, timeout=600)
 
 
 def train_losses(run_dir: Path) -> list[float]:
@@ -37,9 +40,10 @@ def weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
+@pytest.mark.parametrize("parallelism", PARALLELISMS)
 @pytest.mark.parametrize("task", [["task=sft"], ["task=dpo"]])
-def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, task):
-    torchrun(tmp_path / "ddp", *BASE, *task, "train.micro_batch_size=4")
+def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, task, parallelism):
+    torchrun(tmp_path / "ddp", *BASE, *task, "train.micro_batch_size=4", parallelism=parallelism)
     run_in_process(tmp_path / "single", [*BASE, *task, "train.micro_batch_size=8"])
     ddp, single = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
     assert len(ddp) == 6 and ddp == pytest.approx(single, rel=1e-4)
@@ -50,24 +54,31 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, task):
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final")  # final/ is one plain model directory
     log = (tmp_path / "ddp" / "train.log").read_text()
-    assert log.count("[soup] parallelism: ddp, 2 ranks (gloo)") == 1  # rank 0 alone writes
+    assert log.count(f"[soup] parallelism: {parallelism}, 2 ranks (gloo)") == 1  # rank 0 alone writes
 
 
-def test_a_ddp_run_resumes_exactly_at_the_same_world_size(tmp_path):
+@pytest.mark.parametrize("parallelism", PARALLELISMS)
+def test_a_run_of_ranks_resumes_exactly_at_the_same_world_size(tmp_path, parallelism):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(straight, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3")
+    torchrun(straight, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3", "train.neftune_alpha=5",
+             parallelism=parallelism)
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "final")
     (resumed / "run.json").unlink()
     shutil.rmtree(resumed / "checkpoints" / "step-6")
-    torchrun(resumed, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3", "resume=auto")
+    torchrun(resumed, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3", "train.neftune_alpha=5",
+             "resume=auto", parallelism=parallelism)
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(resumed) == train_losses(straight)
+    if parallelism == "fsdp2":  # each rank wrote its own shards
+        assert {p.name for p in (straight / "checkpoints" / "step-3").iterdir()} >= {".metadata", "__0_0.distcp",
+                                                                                     "__1_0.distcp"}
 
 
-def test_lora_trains_under_ddp(tmp_path):
-    torchrun(tmp_path / "lora", *BASE, "peft=lora", "train.micro_batch_size=4")
+@pytest.mark.parametrize("parallelism", PARALLELISMS)
+def test_lora_trains_across_ranks(tmp_path, parallelism):
+    torchrun(tmp_path / "lora", *BASE, "peft=lora", "train.micro_batch_size=4", parallelism=parallelism)
     run_in_process(tmp_path / "single", [*BASE, "peft=lora", "train.micro_batch_size=8"])
     assert train_losses(tmp_path / "lora") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
     assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
@@ -97,3 +108,19 @@ def test_grpo_samples_on_every_rank(tmp_path):
     # 58 prompts (6 held out) make ceil(58 / (2 ranks x 2)) = 15 micro-steps per epoch; 2 of them done
     assert len(train) == 2 and train[-1]["epoch"] == pytest.approx(2 / 15)
     assert train[-1]["trained_tokens"] > 0
+
+
+def test_fsdp2_keeping_blocks_gathered_after_the_forward_trains_the_same(tmp_path):
+    torchrun(tmp_path / "kept", *BASE, "train.micro_batch_size=4", "parallelism.reshard_after_forward=false",
+             parallelism="fsdp2")
+    run_in_process(tmp_path / "single", [*BASE, "train.micro_batch_size=8"])
+    assert train_losses(tmp_path / "kept") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+
+
+def test_qlora_trains_under_ddp_like_one_process(tmp_path):
+    """Each rank quantises rank 0's copy of the built model (transformers saves on rank 0 only)."""
+    pytest.importorskip("bitsandbytes")
+    qlora = ["peft=lora", "quant=4bit", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128"]
+    torchrun(tmp_path / "ddp", *BASE, *qlora, "train.micro_batch_size=4")
+    run_in_process(tmp_path / "single", [*BASE, *qlora, "train.micro_batch_size=8"])
+    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)

@@ -215,6 +215,10 @@ EXEMPT = {
     "parallelism.name": "ddp needs torchrun's processes, which an in-process run cannot start; "
                         "tests/integration/test_distributed.py runs it under torchrun and pins that it matches "
                         "one process with the global batch, and that parallelism=ddp without torchrun is refused",
+    "parallelism.reshard_after_forward": "fsdp2 needs torchrun's processes; tests/integration/test_distributed.py "
+                                         "trains with it off and on, and the rejection half runs here",
+    "parallelism.cpu_offload": "CUDA only (rejected on CPU at config load, tests/unit/config/test_parallelism.py); "
+                               "tests/gpu covers it where a GPU is lent",
     "train.progress_bar": "cosmetic (a tqdm bar on stderr); tests/unit/test_loop.py pins that it can be turned off",
     "train.device": "cpu and auto are the same device on a machine without CUDA; cuda there is rejected "
                     "(tests/unit/config/test_compose.py), and tests/gpu runs on auto=cuda",

@@ -1,4 +1,4 @@
-"""parallelism=ddp at config load: what it cannot do yet is refused naming the flags and the fix."""
+"""parallelism=ddp and fsdp2 at config load: what they cannot do yet is refused naming the flags and the fix."""
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -28,8 +28,26 @@ def test_what_ddp_cannot_do_yet_is_refused(overrides, says):
         validated("parallelism=ddp", *overrides)
 
 
-def test_ddp_composes_with_the_rest():
+@pytest.mark.parametrize("overrides, says", [
+    (["task=grpo"], "parallelism=fsdp2 with task=grpo"),
+    (["quant=4bit", "peft=lora"], "parallelism=fsdp2 with quant=4bit"),
+    (["kernels=compile"], "parallelism=fsdp2 with kernels=compile"),
+    (["parallelism.cpu_offload=true"], "parallelism.cpu_offload=true moves the shards"),
+    (["offload=disk"], "parallelism=fsdp2 with offload=disk"),
+])
+def test_what_fsdp2_cannot_do_yet_is_refused(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        validated("parallelism=fsdp2", *overrides)
+
+
+def test_fsdp2_settings_are_refused_without_fsdp2():
+    with pytest.raises(ConfigError, match="parallelism.reshard_after_forward=false is set, but this run does not"):
+        validated("parallelism=ddp", "parallelism.reshard_after_forward=false")
+
+
+def test_ddp_and_fsdp2_compose_with_the_rest():
     validated("parallelism=ddp", "peft=lora", "kernels=compile")
+    validated("parallelism=fsdp2", "peft=lora", "task=dpo", "parallelism.reshard_after_forward=false")
 
 
 def test_launch_checks_name_torchrun(monkeypatch):
