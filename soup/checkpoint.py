@@ -16,7 +16,8 @@ checkpoints/step-N/
 
 Under parallelism=fsdp2 the weights and the optimizer state are torch.distributed.checkpoint
 shards instead (.metadata and one .distcp file per rank, in place of model.safetensors and
-optimizer.pt), written by every rank and listed in the same manifest (soup/fsdp.py).
+optimizer.pt), written by every rank and listed in the same manifest (soup/fsdp.py); under
+deepspeed_zero2/3 they are DeepSpeed's partition files in zero/ (soup/zero.py).
 
 Nothing here unpickles code: every .pt file loads with torch.load(weights_only=True),
 which accepts tensors and plain containers only, so a crafted file is refused rather
@@ -50,11 +51,22 @@ from soup.errors import SoupError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
-SHARDED_REQUIRED_FILES = (".metadata", "scheduler.pt", "rng.pt", "trainer_state.json")
+RUN_STATE_FILES = ("scheduler.pt", "rng.pt", "trainer_state.json")
+
+
+def checkpoint_kind(path: Path) -> str:
+    """plain (model.safetensors, optimizer.pt), fsdp2 (torch.distributed.checkpoint shards) or
+    deepspeed (DeepSpeed's partitions in zero/)."""
+    if (path / ".metadata").is_file():
+        return "fsdp2"
+    if (path / "zero").is_dir():
+        return "deepspeed"
+    return "plain"
 
 
 def required_files(path: Path) -> tuple[str, ...]:
-    return SHARDED_REQUIRED_FILES if (path / ".metadata").is_file() else REQUIRED_FILES
+    return {"plain": REQUIRED_FILES, "fsdp2": (".metadata", *RUN_STATE_FILES),
+            "deepspeed": RUN_STATE_FILES}[checkpoint_kind(path)]
 MANIFEST = "manifest.json"
 
 
@@ -225,22 +237,22 @@ def _prune(checkpoints_dir: Path, keep_last: int, newest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-                            trainer_state: dict, keep_last: int, extra_state: dict | None = None) -> Path | None:
-    """save_checkpoint for a sharded (fsdp2) model; every rank calls it. Rank 0 opens the
-    temporary directory and tells the others; all write their shards into it; rank 0 adds
-    its files and the manifest, then renames and prunes as save_checkpoint does."""
+def save_sharded_checkpoint(checkpoints_dir: Path, step: int, write_shards, scheduler, trainer_state: dict,
+                            keep_last: int, extra_state: dict | None = None) -> Path | None:
+    """save_checkpoint for a model sharded across ranks (fsdp2, deepspeed); every rank calls it.
+    Rank 0 opens the temporary directory and tells the others; all write their shards into it
+    (write_shards(directory)); rank 0 adds its files and the manifest, then renames and
+    prunes as save_checkpoint does."""
     from soup.distributed import barrier, broadcast_from_main, current_world
-    from soup.fsdp import save_sharded
 
     final = checkpoints_dir / f"step-{step}"
     if not current_world().is_main:
-        save_sharded(Path(broadcast_from_main(None)), model, optimizer)
+        write_shards(Path(broadcast_from_main(None)))
         barrier()  # rank 0 writes the rest and renames
         barrier()
         return None
     with atomic_directory(final) as tmp:
-        save_sharded(Path(broadcast_from_main(str(tmp))), model, optimizer)
+        write_shards(Path(broadcast_from_main(str(tmp))))
         barrier()
         _write_run_state(tmp, scheduler, trainer_state, extra_state)
     _prune(checkpoints_dir, keep_last, final)
@@ -293,8 +305,9 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                for p in files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
@@ -340,7 +353,8 @@ _VERIFIED: dict[Path, tuple] = {}
 
 
 def _signature(path: Path) -> tuple:
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    return tuple(sorted((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in path.rglob("*") if f.is_file()))
 
 
 def _manifest_problem(path: Path) -> str | None:
@@ -414,8 +428,11 @@ def _explicit_checkpoint(path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- loading
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[dict, dict]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
+                    load_shards=None) -> tuple[dict, dict]:
     """Restore weights, optimizer, scheduler and RNG from `path`; return (trainer_state, extra_state).
+    load_shards(path): how a run whose model is sharded across ranks reads its weights and
+    optimizer state (fsdp2, deepspeed; None for one whole model).
 
     Every failure is a SoupError naming the file: corrupt, crafted, or from another model."""
     path = Path(path)
@@ -424,13 +441,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
         raise SoupError(f"resume: {reason}.\n  fix: point resume at an intact checkpoints/step-N directory, "
                         "or use resume=auto.")
     trainer_state = _read_json(path / "trainer_state.json")
-    if required_files(path) is SHARDED_REQUIRED_FILES:
-        from soup.fsdp import is_sharded, load_sharded
-
-        if not is_sharded(model):
-            raise SoupError(f"resume: {path} holds sharded weights (parallelism=fsdp2), and this run does not "
-                            "shard.\n  fix: resume with the parallelism and number of ranks that wrote it.")
-        load_sharded(path, model, optimizer)
+    kind = checkpoint_kind(path)
+    if (kind == "plain") != (load_shards is None):
+        raise SoupError(f"resume: {path} was written by " + ("one whole model" if kind == "plain" else
+                        f"parallelism={kind}'s shards") + ", and this run keeps its model otherwise.\n"
+                        "  fix: resume with the parallelism and number of ranks that wrote it.")
+    if load_shards is not None:
+        load_shards(path)
     else:
         _copy_weights(path, _read_safetensors(path / "model.safetensors"), model)
         _restore(path / "optimizer.pt", optimizer.load_state_dict, "this optimizer (optim settings, trainable weights)")

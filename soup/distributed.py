@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from soup.errors import ConfigError
 
-DISTRIBUTED = ("ddp", "fsdp2")
+DISTRIBUTED = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,9 @@ def check_launch(parallelism: str, world: World) -> None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The model inside a DistributedDataParallel wrapper or a DeepSpeed engine (the model itself otherwise)."""
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if wrapped else model
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:

@@ -30,7 +30,8 @@ from soup.config.resume import SCHEDULE_KEYS
 from soup.data.sampler import ResumableBatchSampler
 from soup.distributed import (all_gather_objects, any_rank, current_world, no_sync, sum_across_ranks,
                               sum_dict_across_ranks, unwrap)
-from soup.fsdp import is_sharded
+from soup import zero
+from soup.fsdp import is_sharded, load_sharded, save_sharded
 from soup.errors import SoupError
 from soup.optim import build_optimizer, build_scheduler, effective_optimizer, prepare_for_eval, prepare_for_train
 from soup.tasks import Task
@@ -54,6 +55,8 @@ class LoopResult:
     signum: int | None = None
     # Every key a resume changed (allow_resume_changes=true), oldest first, with the step it took effect.
     resume_changes: tuple[dict, ...] = ()
+    # The model as the loop trained it: a DeepSpeed engine when it made one (final/ gathers from it).
+    trained_model: torch.nn.Module | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -117,11 +120,15 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: int, device, precision: str) -> dict:
-    """Loss per unit over `examples`, in order; the model is returned to train mode."""
+def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: int, device, precision: str,
+             shard: bool = True) -> dict:
+    """Loss per unit over `examples`, in order; the model is returned to train mode. With several
+    ranks each evaluates its share (shard) and the sums are added up, or each evaluates all."""
     model.eval()
     world = current_world()
-    examples = examples[world.rank::world.world_size]  # each rank its share; the sums are added up below
+    shard = shard and world.distributed
+    if shard:
+        examples = examples[world.rank::world.world_size]
     loss_sum, units, metric_sums, metric_counts = 0.0, 0, {}, {}
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
@@ -131,7 +138,7 @@ def evaluate(model, task: Task, examples: list, collate: Callable, batch_size: i
         loss_sum += float(out.loss_sum)
         accumulate(metric_sums, out.metric_sums)
         accumulate(metric_counts, out.metric_counts)
-    if world.distributed:
+    if shard:
         loss_sum, units = sum_across_ranks([loss_sum, units])
         metric_sums, metric_counts = sum_dict_across_ranks(metric_sums), sum_dict_across_ranks(metric_counts)
     model.train()
@@ -178,6 +185,26 @@ def train_loop(
                            else epochs_to_run(train_cfg) * sampler.batches_per_epoch)
     optimizer = build_optimizer(policy, cfg.optim, cfg.peft)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
+    engine = None
+    if cfg.parallelism.name in zero.STAGES:  # DeepSpeed partitions the model and wraps the optimizer
+        engine, _ = zero.start_engine(model, optimizer, cfg)
+        model = engine
+
+    def shard_writer():
+        """How each rank writes its part of a checkpoint, for a model sharded across ranks."""
+        if engine is not None:
+            return lambda directory: zero.save_partitions(engine, directory)
+        if is_sharded(policy):
+            return lambda directory: save_sharded(directory, policy, optimizer)
+        return None
+
+    def shard_loader():
+        if engine is not None:
+            return lambda directory: zero.load_partitions(engine, directory)
+        if is_sharded(policy):
+            return lambda directory: load_sharded(directory, policy, optimizer)
+        return None
+
     length = (f"train.max_steps={train_cfg.max_steps}" if train_cfg.max_steps is not None
               else f"{epochs_to_run(train_cfg)} epoch(s) of {sampler.batches_per_epoch} micro-batches")
     print(f"[soup] {total_steps} optimizer steps ({length}, {train_cfg.grad_accum_steps} micro-batch(es) each); "
@@ -190,7 +217,7 @@ def train_loop(
     change_history: list[dict] = []
     if resume_from is not None:
         new_base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        state, extra = load_checkpoint(resume_from, policy, optimizer, scheduler)
+        state, extra = load_checkpoint(resume_from, policy, optimizer, scheduler, load_shards=shard_loader())
         if world.distributed:
             restore_rng(extra["rank_rng"][world.rank])  # rng.pt holds rank 0's; each rank had its own
         if state["step"] > total_steps:
@@ -228,8 +255,9 @@ def train_loop(
             extra["rank_rng"] = rank_rng
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
-        if is_sharded(policy):  # every rank writes its shards; rank 0 the rest
-            return save_sharded_checkpoint(checkpoints_dir, step, policy, optimizer, scheduler, trainer_state,
+        writer = shard_writer()
+        if writer is not None:  # every rank writes its shards; rank 0 the rest
+            return save_sharded_checkpoint(checkpoints_dir, step, writer, scheduler, trainer_state,
                                            train_cfg.keep_last_checkpoints, extra)
         if not world.is_main:
             return None
@@ -239,7 +267,7 @@ def train_loop(
     def result(stop_reason: str, signum: int | None = None) -> LoopResult:
         return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9), last_loss,
                           last_eval, last_checkpoint, consumed_micro / sampler.batches_per_epoch, stop_reason,
-                          signum, tuple(change_history))
+                          signum, tuple(change_history), model)
 
     def run_eval() -> float | None:
         if not val_examples:
@@ -248,8 +276,9 @@ def train_loop(
         prepare_for_eval(optimizer)
         metrics = task.evaluate(policy, val_examples, train_cfg.eval_batch_size, device)
         if metrics is None:
+            # ZeRO-3 gathers weights in every forward, in lockstep across ranks: each rank evaluates all.
             metrics = evaluate(model, task, val_examples, eval_collate, train_cfg.eval_batch_size, device,
-                               train_cfg.precision)
+                               train_cfg.precision, shard=cfg.parallelism.name != "deepspeed_zero3")
         prepare_for_train(optimizer)
         tracker.log(metrics, step, split="eval")
         return metrics.get("loss")
@@ -291,7 +320,10 @@ def train_loop(
                     with autocast_context(train_cfg.precision, device):
                         out = task.forward(model, to_device(batch, device))
                     loss = out.loss_sum * world.world_size / step_units
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    if engine is not None:
+                        zero.backward(engine, loss, last=index == len(micro_batches) - 1)
+                    else:
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += out.loss_sum.detach()
                 accumulate(metric_sums, out.metric_sums)
                 accumulate(metric_counts, out.metric_counts)
@@ -301,12 +333,15 @@ def train_loop(
                                                                               step_log, world.world_size)
 
             lr = optimizer.param_groups[0]["lr"]
-            if step_units:
+            if step_units and engine is not None:
+                grad_norm = zero.step(engine)  # reduces, clips, steps and zeroes the gradients
+            elif step_units:
                 grad_norm = clipped_optimizer_step(optimizer, scaler, train_cfg.max_grad_norm)
             else:  # nothing to learn from (grpo: every group skipped); the schedule still moves
                 grad_norm = torch.zeros(())
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             trained_units += step_units
             step_time = time.perf_counter() - step_start

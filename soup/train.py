@@ -38,6 +38,7 @@ from soup.distributed import (barrier, broadcast_from_main, check_launch, curren
                               start_process_group, unwrap)
 from soup.errors import ConfigError, SoupError
 from soup.fsdp import full_state_dict, is_sharded, shard_model
+from soup.zero import full_state_dict as zero_full_state_dict, is_engine
 from soup.loop import autocast_context, train_loop
 from soup.memory.setup import apply_memory_features
 from soup.models.adapters import save_final_adapter, save_initial_adapter
@@ -163,7 +164,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     if cfg.parallelism.name == "fsdp2":
         model = shard_model(model, cfg.train.precision, cfg.parallelism.reshard_after_forward,
                             cfg.parallelism.cpu_offload)
-    elif world.distributed:
+    elif cfg.parallelism.name == "ddp":  # deepspeed's engine is made with the optimizer, in the loop
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if world.distributed:
         print(f"[soup] parallelism: {cfg.parallelism.name}, {world.world_size} ranks "
@@ -184,10 +185,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     for line in features.summaries():
         print(f"[soup] {line}")
 
+    trained = result.trained_model
     model = unwrap(model)
-    if is_sharded(model):  # final/ is one plain model: the full weights, gathered on rank 0
-        full = full_state_dict(model)
+    if is_sharded(model) or is_engine(trained):  # final/ is one plain model: the full weights, gathered on rank 0
+        full = zero_full_state_dict(trained) if is_engine(trained) else full_state_dict(model)
         model = plain_model(cfg, tokenizer, full) if world.is_main else None
+    if is_engine(trained):
+        trained.destroy()
     if not world.is_main:
         barrier()  # until rank 0 has saved final/ and run.json
         if result.interrupted:

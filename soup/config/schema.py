@@ -277,13 +277,18 @@ class OffloadConfig:
 @dataclass
 class ParallelismConfig:
     """How the model is spread over processes: single (one process, one device), ddp
-    (one process per rank under torchrun, a full copy each, gradients averaged) or fsdp2
-    (one process per rank, every weight, gradient and optimizer state sharded)."""
+    (one process per rank under torchrun, a full copy each, gradients averaged), fsdp2
+    (one process per rank, every weight, gradient and optimizer state sharded), or
+    deepspeed_zero2 / deepspeed_zero3 (DeepSpeed's ZeRO: optimizer state and gradients
+    split, and with stage 3 the weights too)."""
 
     name: str = MISSING
     # fsdp2: free a block's gathered weights after its forward; keep shards in host memory (CUDA).
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    # deepspeed_zero2/3: the optimizer state (zero3: offload_param, the weights too) in host memory (CUDA).
+    offload_optimizer: bool = False
+    offload_param: bool = False
 
 
 @dataclass

@@ -194,6 +194,8 @@ def _build_scopes() -> dict[str, Scope]:
         # parallelism
         "parallelism.reshard_after_forward": choice("parallelism.name", "fsdp2"),
         "parallelism.cpu_offload": choice("parallelism.name", "fsdp2"),
+        "parallelism.offload_optimizer": choice("parallelism.name", "deepspeed_zero2", "deepspeed_zero3"),
+        "parallelism.offload_param": choice("parallelism.name", "deepspeed_zero3"),
         # sched
         "sched.min_lr_ratio": choice("sched.name", "linear", "cosine"),
         # tracker

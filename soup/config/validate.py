@@ -6,6 +6,7 @@ collected and reported together, each naming the flags involved and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -33,7 +34,7 @@ KERNELS = ("none", "liger", "flash_attn", "compile", "auto")
 CUT_CE = ("off", "chunked", "cce")
 CHECKPOINTING = ("none", "full", "medium", "selective", "auto")
 OFFLOADS = ("none", "cpu", "disk")
-PARALLELISMS = ("single", "ddp", "fsdp2")
+PARALLELISMS = ("single", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 PEFTS = ("none", "lora", "dora", "rslora", "vera", "olora", "pissa", "loftq")
 LORA_INITS = ("default", "gaussian")
 OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "lion", "lion_8bit", "adafactor",
@@ -102,7 +103,7 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_preference(cfg, need)
     if cfg.task.name == "grpo":
         _check_grpo(cfg, need)
-    if cfg.parallelism.name in ("ddp", "fsdp2"):
+    if cfg.parallelism.name != "single":
         _check_ranks(cfg, need)
     _check_model(cfg, need)
     _check_data(cfg, need)
@@ -330,7 +331,7 @@ def _check_ranks(cfg: DictConfig, need) -> None:
     reference = cfg.task.get("reference")
     need(reference != "precomputed", f"{one} with task.reference=precomputed: every rank would write the same "
                                      "reference cache. Use task.reference=auto (or copy / adapter).")
-    if cfg.parallelism.name != "fsdp2":
+    if cfg.parallelism.name == "ddp":
         return
     need(cfg.task.name != "grpo", f"{one} with task=grpo: rollouts gather the sharded weights at every decoded "
                                   "token, in lockstep across ranks, which the decode loop does not keep yet. Use "
@@ -339,9 +340,18 @@ def _check_ranks(cfg: DictConfig, need) -> None:
                                             "is not wired yet. Use parallelism=ddp with quantised bases.")
     need(cfg.kernels.name == "none", f"{one} with kernels={cfg.kernels.name}: torch.compile around sharded "
                                      "blocks is not wired yet. Use kernels=none.")
-    need(not cfg.parallelism.cpu_offload or cfg.train.device != "cpu" and torch.cuda.is_available(),
-         f"{one} with parallelism.cpu_offload=true moves the shards from GPU to host memory; without CUDA "
-         "they are there already. Use parallelism.cpu_offload=false.")
+    on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    for flag in ("cpu_offload", "offload_optimizer", "offload_param"):
+        need(not cfg.parallelism.get(flag) or on_cuda,
+             f"{one} with parallelism.{flag}=true moves state from GPU to host memory; without CUDA it is there "
+             f"already. Use parallelism.{flag}=false.")
+    if cfg.parallelism.name.startswith("deepspeed"):
+        need(cfg.train.precision != "fp16", f"{one} with train.precision=fp16: DeepSpeed would scale the loss "
+                                            "itself, beside soup's grad scaler. Use train.precision=bf16 or fp32.")
+        need(cfg.quant.name == "none", f"{one} with quant={cfg.quant.name}: not wired yet. Use quant=none.")
+        need(importlib.util.find_spec("deepspeed") is not None,
+             f"{one} needs DeepSpeed, which is not installed.\n  fix: pip install 'soup-harness[deepspeed]' "
+             "(it builds no ops at install).")
 
 
 def _check_grpo(cfg: DictConfig, need) -> None:

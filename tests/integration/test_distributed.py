@@ -1,5 +1,5 @@
-"""parallelism=ddp and fsdp2 for real: torchrun starts 2 processes that join a gloo process
-group on this CPU. A run of 2 ranks x micro_batch_size 4 sees, each step, the same 8 examples as one
+"""parallelism=ddp, fsdp2 and DeepSpeed ZeRO-2/3 for real: torchrun starts 2 processes that
+join a gloo process group on this CPU. A run of 2 ranks x micro_batch_size 4 sees, each step, the same 8 examples as one
 process with micro_batch_size 8 (the sampler gives rank r the r-th slice of each step), and
 its gradient is the gradient of their token mean (units summed over ranks before the
 backward, DDP's average undone by x world size). So the two runs agree up to the order
@@ -8,6 +8,7 @@ per-token terms in one pass, about 1e-7 relative per step in fp32, compounded by
 the steps; 1e-4 relative on the losses and 1e-4 absolute on the weights hold with a wide
 margin (observed: below 1e-6)."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,16 @@ BASE = ["debug=tiny", "train.max_steps=6", "train.grad_accum_steps=1", "train.ev
 
 
 PARALLELISMS = ["ddp", "fsdp2"]
+ZERO = [pytest.param(name, id=name, marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                                             reason="DeepSpeed is not installed (the deepspeed extra)"))
+        for name in ("deepspeed_zero2", "deepspeed_zero3")]
+
+
+def ranked(task: str, parallelism) -> "pytest.ParameterSet":
+    """(task overrides, parallelism) named task-parallelism, with the parallelism's skip mark."""
+    if isinstance(parallelism, str):
+        return pytest.param([f"task={task}"], parallelism, id=f"{task}-{parallelism}")
+    return pytest.param([f"task={task}"], *parallelism.values, id=f"{task}-{parallelism.id}", marks=parallelism.marks)
 
 
 def torchrun(run_dir: Path, *overrides: str, parallelism: str = "ddp", check: bool = True):
@@ -40,8 +51,8 @@ def weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("parallelism", PARALLELISMS)
-@pytest.mark.parametrize("task", [["task=sft"], ["task=dpo"]])
+@pytest.mark.parametrize("task, parallelism", [ranked(task, p) for task in ("sft", "dpo") for p in PARALLELISMS]
+                         + [ranked("sft", p) for p in ZERO])
 def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, task, parallelism):
     torchrun(tmp_path / "ddp", *BASE, *task, "train.micro_batch_size=4", parallelism=parallelism)
     run_in_process(tmp_path / "single", [*BASE, *task, "train.micro_batch_size=8"])
@@ -57,7 +68,7 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, task, 
     assert log.count(f"[soup] parallelism: {parallelism}, 2 ranks (gloo)") == 1  # rank 0 alone writes
 
 
-@pytest.mark.parametrize("parallelism", PARALLELISMS)
+@pytest.mark.parametrize("parallelism", [*PARALLELISMS, ZERO[1]])
 def test_a_run_of_ranks_resumes_exactly_at_the_same_world_size(tmp_path, parallelism):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torchrun(straight, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3", "train.neftune_alpha=5",
@@ -71,12 +82,15 @@ def test_a_run_of_ranks_resumes_exactly_at_the_same_world_size(tmp_path, paralle
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(resumed) == train_losses(straight)
+    written = {p.relative_to(straight / "checkpoints" / "step-3").as_posix()
+               for p in (straight / "checkpoints" / "step-3").rglob("*")}
     if parallelism == "fsdp2":  # each rank wrote its own shards
-        assert {p.name for p in (straight / "checkpoints" / "step-3").iterdir()} >= {".metadata", "__0_0.distcp",
-                                                                                     "__1_0.distcp"}
+        assert written >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    if parallelism == "deepspeed_zero3":
+        assert written >= {f"zero/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
 
 
-@pytest.mark.parametrize("parallelism", PARALLELISMS)
+@pytest.mark.parametrize("parallelism", [*PARALLELISMS, ZERO[0]])
 def test_lora_trains_across_ranks(tmp_path, parallelism):
     torchrun(tmp_path / "lora", *BASE, "peft=lora", "train.micro_batch_size=4", parallelism=parallelism)
     run_in_process(tmp_path / "single", [*BASE, "peft=lora", "train.micro_batch_size=8"])
@@ -124,3 +138,28 @@ def test_qlora_trains_under_ddp_like_one_process(tmp_path):
     torchrun(tmp_path / "ddp", *BASE, *qlora, "train.micro_batch_size=4")
     run_in_process(tmp_path / "single", [*BASE, *qlora, "train.micro_batch_size=8"])
     assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_a_deepspeed_checkpoint_that_pickles_a_foreign_object_is_refused_unread(tmp_path):
+    """DeepSpeed loads its files with pickle: soup checks their globals first."""
+    run = tmp_path / "run"
+    torchrun(run, *BASE, "train.micro_batch_size=4", "train.max_steps=2", "train.save_every_steps=2",
+             parallelism="deepspeed_zero2")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    target = run / "checkpoints" / "step-2" / "zero" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload()}, target, pickle_protocol=2)
+    from soup.checkpoint import write_manifest
+
+    write_manifest(run / "checkpoints" / "step-2")  # as an attacker would: the checksums match
+    shutil.rmtree(run / "final")
+    (run / "run.json").unlink()
+    proc = torchrun(run, *BASE, "train.micro_batch_size=4", "train.max_steps=4", "train.save_every_steps=2",
+                    "resume=auto", "allow_resume_changes=true", parallelism="deepspeed_zero2", check=False)
+    assert proc.returncode != 0 and "holds Python objects that soup will not unpickle" in proc.stderr
+    assert "io.open" in proc.stderr and not marker.exists()

@@ -217,6 +217,10 @@ EXEMPT = {
                         "one process with the global batch, and that parallelism=ddp without torchrun is refused",
     "parallelism.reshard_after_forward": "fsdp2 needs torchrun's processes; tests/integration/test_distributed.py "
                                          "trains with it off and on, and the rejection half runs here",
+    "parallelism.offload_optimizer": "CUDA only (rejected on CPU at config load, tests/unit/config/"
+                                     "test_parallelism.py); tests/gpu covers it where a GPU is lent",
+    "parallelism.offload_param": "CUDA only (rejected on CPU at config load, tests/unit/config/test_parallelism.py); "
+                                 "tests/gpu covers it where a GPU is lent",
     "parallelism.cpu_offload": "CUDA only (rejected on CPU at config load, tests/unit/config/test_parallelism.py); "
                                "tests/gpu covers it where a GPU is lent",
     "train.progress_bar": "cosmetic (a tqdm bar on stderr); tests/unit/test_loop.py pins that it can be turned off",

@@ -32,12 +32,22 @@ def test_what_ddp_cannot_do_yet_is_refused(overrides, says):
     (["task=grpo"], "parallelism=fsdp2 with task=grpo"),
     (["quant=4bit", "peft=lora"], "parallelism=fsdp2 with quant=4bit"),
     (["kernels=compile"], "parallelism=fsdp2 with kernels=compile"),
-    (["parallelism.cpu_offload=true"], "parallelism.cpu_offload=true moves the shards"),
+    (["parallelism.cpu_offload=true"], "parallelism.cpu_offload=true moves state"),
     (["offload=disk"], "parallelism=fsdp2 with offload=disk"),
 ])
 def test_what_fsdp2_cannot_do_yet_is_refused(overrides, says):
     with pytest.raises(ConfigError, match=says):
         validated("parallelism=fsdp2", *overrides)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["train.precision=fp16"], "deepspeed_zero3 with train.precision=fp16"),
+    (["parallelism.offload_param=true"], "parallelism.offload_param=true moves state"),
+    (["task=grpo"], "deepspeed_zero3 with task=grpo"),
+])
+def test_what_deepspeed_cannot_do_yet_is_refused(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        validated("parallelism=deepspeed_zero3", *overrides)
 
 
 def test_fsdp2_settings_are_refused_without_fsdp2():
@@ -48,6 +58,8 @@ def test_fsdp2_settings_are_refused_without_fsdp2():
 def test_ddp_and_fsdp2_compose_with_the_rest():
     validated("parallelism=ddp", "peft=lora", "kernels=compile")
     validated("parallelism=fsdp2", "peft=lora", "task=dpo", "parallelism.reshard_after_forward=false")
+    with pytest.raises(ConfigError, match="parallelism.offload_param=false is set, but this run does not read it"):
+        validated("parallelism=deepspeed_zero2", "parallelism.offload_param=false")
 
 
 def test_launch_checks_name_torchrun(monkeypatch):
