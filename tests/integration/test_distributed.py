@@ -30,13 +30,6 @@ ZERO = [pytest.param(name, id=name, marks=pytest.mark.skipif(importlib.util.find
         for name in ("deepspeed_zero2", "deepspeed_zero3")]
 
 
-def ranked(task: str, parallelism) -> "pytest.ParameterSet":
-    """(task overrides, parallelism) named task-parallelism, with the parallelism's skip mark."""
-    if isinstance(parallelism, str):
-        return pytest.param([f"task={task}"], parallelism, id=f"{task}-{parallelism}")
-    return pytest.param([f"task={task}"], *parallelism.values, id=f"{task}-{parallelism.id}", marks=parallelism.marks)
-
-
 def torchrun(run_dir: Path, *overrides: str, parallelism: str = "ddp", check: bool = True):
     return run_cli("--standalone", "--nproc_per_node=2", "-m", "soup.train", f"parallelism={parallelism}",
                    *overrides, f"hydra.run.dir={run_dir}", module="torch.distributed.run", check=check, timeout=600)
@@ -48,54 +41,87 @@ def train_losses(run_dir: Path) -> list[float]:
 
 
 def weights(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
+    """final/'s trained weights: the whole model, or the adapter."""
+    adapter = run_dir / "final" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else run_dir / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("task, parallelism", [ranked(task, p) for task in ("sft", "dpo") for p in PARALLELISMS]
-                         + [ranked("sft", p) for p in ZERO])
-def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, task, parallelism):
-    torchrun(tmp_path / "ddp", *BASE, *task, "train.micro_batch_size=4", parallelism=parallelism)
-    run_in_process(tmp_path / "single", [*BASE, *task, "train.micro_batch_size=8"])
-    ddp, single = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
-    assert len(ddp) == 6 and ddp == pytest.approx(single, rel=1e-4)
-    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
-    from transformers import AutoModelForCausalLM
+# Each option's straight run, shared by the tests below (a torchrun launch costs ~10 s of imports).
+SFT = {"ddp": [], "fsdp2": [], "deepspeed_zero2": ["peft=lora"], "deepspeed_zero3": []}
 
-    AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final")  # final/ is one plain model directory
-    log = (tmp_path / "ddp" / "train.log").read_text()
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    runs: dict[str, Path] = {}
+
+    def run(parallelism: str) -> Path:
+        if parallelism not in runs:
+            runs[parallelism] = tmp_path_factory.mktemp(parallelism) / "straight"
+            torchrun(runs[parallelism], *BASE, *SFT[parallelism], "train.micro_batch_size=4",
+                     "train.save_every_steps=3", parallelism=parallelism)
+        return runs[parallelism]
+
+    return run
+
+
+def resume_from_step_3(straight_run: Path, into: Path, *overrides: str, parallelism: str) -> None:
+    """As if the run had been killed after its step-3 checkpoint: resume=auto from there."""
+    shutil.copytree(straight_run, into)
+    shutil.rmtree(into / "final")
+    (into / "run.json").unlink()
+    shutil.rmtree(into / "checkpoints" / "step-6")
+    torchrun(into, *overrides, "resume=auto", parallelism=parallelism)
+
+
+@pytest.mark.parametrize("parallelism", [*PARALLELISMS, *ZERO])
+def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path, straight, parallelism):
+    ranks = straight(parallelism)
+    run_in_process(tmp_path / "single", [*BASE, *SFT[parallelism], "train.micro_batch_size=8"])
+    assert len(train_losses(ranks)) == 6
+    assert train_losses(ranks) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+    if not SFT[parallelism]:  # a full fine-tune: final/ is one plain model that transformers loads
+        a, b = weights(ranks), weights(tmp_path / "single")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(ranks / "final")
+    else:
+        assert (ranks / "final" / "adapter_model.safetensors").exists()
+    log = (ranks / "train.log").read_text()
     assert log.count(f"[soup] parallelism: {parallelism}, 2 ranks (gloo)") == 1  # rank 0 alone writes
 
 
-@pytest.mark.parametrize("parallelism", [*PARALLELISMS, ZERO[1]])
-def test_a_run_of_ranks_resumes_exactly_at_the_same_world_size(tmp_path, parallelism):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(straight, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3", "train.neftune_alpha=5",
-             parallelism=parallelism)
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "final")
-    (resumed / "run.json").unlink()
-    shutil.rmtree(resumed / "checkpoints" / "step-6")
-    torchrun(resumed, *BASE, "train.micro_batch_size=4", "train.save_every_steps=3", "train.neftune_alpha=5",
-             "resume=auto", parallelism=parallelism)
-    a, b = weights(straight), weights(resumed)
+@pytest.mark.parametrize("parallelism", [*PARALLELISMS, *ZERO])
+def test_a_run_of_ranks_resumes_exactly_at_the_same_world_size(tmp_path, straight, parallelism):
+    ranks = straight(parallelism)
+    resume_from_step_3(ranks, tmp_path / "resumed", *BASE, *SFT[parallelism], "train.micro_batch_size=4",
+                       "train.save_every_steps=3", parallelism=parallelism)
+    a, b = weights(ranks), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert train_losses(resumed) == train_losses(straight)
-    written = {p.relative_to(straight / "checkpoints" / "step-3").as_posix()
-               for p in (straight / "checkpoints" / "step-3").rglob("*")}
+    assert train_losses(tmp_path / "resumed") == train_losses(ranks)
+    written = {p.relative_to(ranks / "checkpoints" / "step-3").as_posix()
+               for p in (ranks / "checkpoints" / "step-3").rglob("*")}
     if parallelism == "fsdp2":  # each rank wrote its own shards
         assert written >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
-    if parallelism == "deepspeed_zero3":
+    if parallelism.startswith("deepspeed"):
         assert written >= {f"zero/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
 
 
-@pytest.mark.parametrize("parallelism", [*PARALLELISMS, ZERO[0]])
-def test_lora_trains_across_ranks(tmp_path, parallelism):
-    torchrun(tmp_path / "lora", *BASE, "peft=lora", "train.micro_batch_size=4", parallelism=parallelism)
-    run_in_process(tmp_path / "single", [*BASE, "peft=lora", "train.micro_batch_size=8"])
-    assert train_losses(tmp_path / "lora") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
-    assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
+@pytest.mark.parametrize("parallelism, extra", [("ddp", []), ("fsdp2", ["parallelism.reshard_after_forward=false"])])
+def test_dpo_with_lora_trains_like_one_process_and_resumes_exactly(tmp_path, parallelism, extra):
+    """The preference loss with the adapter-disabled reference (fsdp2: blocks kept gathered
+    after the forward) matches one process, and resumes bit-exactly."""
+    dpo = [*BASE, "task=dpo", "peft=lora", "train.save_every_steps=3"]
+    torchrun(tmp_path / "straight", *dpo, "train.micro_batch_size=4", *extra, parallelism=parallelism)
+    run_in_process(tmp_path / "single", [*dpo, "train.micro_batch_size=8"])
+    assert train_losses(tmp_path / "straight") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+    resume_from_step_3(tmp_path / "straight", tmp_path / "resumed", *dpo, "train.micro_batch_size=4", *extra,
+                       parallelism=parallelism)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rank_rng = torch.load(tmp_path / "straight" / "checkpoints" / "step-3" / "extra.pt", weights_only=True)["rank_rng"]
+    assert len(rank_rng) == 2  # each rank's generators, restored on that rank
 
 
 def test_ddp_without_torchrun_prints_the_torchrun_command(tmp_path):
@@ -124,13 +150,6 @@ def test_grpo_samples_on_every_rank(tmp_path):
     assert train[-1]["trained_tokens"] > 0
 
 
-def test_fsdp2_keeping_blocks_gathered_after_the_forward_trains_the_same(tmp_path):
-    torchrun(tmp_path / "kept", *BASE, "train.micro_batch_size=4", "parallelism.reshard_after_forward=false",
-             parallelism="fsdp2")
-    run_in_process(tmp_path / "single", [*BASE, "train.micro_batch_size=8"])
-    assert train_losses(tmp_path / "kept") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
-
-
 def test_qlora_trains_under_ddp_like_one_process(tmp_path):
     """Each rank quantises rank 0's copy of the built model (transformers saves on rank 0 only)."""
     pytest.importorskip("bitsandbytes")
@@ -141,25 +160,24 @@ def test_qlora_trains_under_ddp_like_one_process(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
-def test_a_deepspeed_checkpoint_that_pickles_a_foreign_object_is_refused_unread(tmp_path):
+def test_a_deepspeed_checkpoint_that_pickles_a_foreign_object_is_refused_unread(tmp_path, straight):
     """DeepSpeed loads its files with pickle: soup checks their globals first."""
+    from soup.checkpoint import write_manifest
+
     run = tmp_path / "run"
-    torchrun(run, *BASE, "train.micro_batch_size=4", "train.max_steps=2", "train.save_every_steps=2",
-             parallelism="deepspeed_zero2")
+    shutil.copytree(straight("deepspeed_zero2"), run)
     marker = tmp_path / "ran"
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    target = run / "checkpoints" / "step-2" / "zero" / "mp_rank_00_model_states.pt"
-    torch.save({"module": Payload()}, target, pickle_protocol=2)
-    from soup.checkpoint import write_manifest
-
-    write_manifest(run / "checkpoints" / "step-2")  # as an attacker would: the checksums match
+    step = run / "checkpoints" / "step-6"
+    torch.save({"module": Payload()}, step / "zero" / "mp_rank_00_model_states.pt", pickle_protocol=2)
+    write_manifest(step)  # as an attacker would: the checksums match
     shutil.rmtree(run / "final")
     (run / "run.json").unlink()
-    proc = torchrun(run, *BASE, "train.micro_batch_size=4", "train.max_steps=4", "train.save_every_steps=2",
-                    "resume=auto", "allow_resume_changes=true", parallelism="deepspeed_zero2", check=False)
+    proc = torchrun(run, *BASE, *SFT["deepspeed_zero2"], "train.micro_batch_size=4", "train.save_every_steps=3",
+                    "resume=auto", parallelism="deepspeed_zero2", check=False)
     assert proc.returncode != 0 and "holds Python objects that soup will not unpickle" in proc.stderr
     assert "io.open" in proc.stderr and not marker.exists()
