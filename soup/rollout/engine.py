@@ -46,7 +46,7 @@ class Rollout:
     """B completions of one batch of prompts.
 
     prompt_ids (B, P) left-padded, prompt_mask (B, P); completion_ids (B, T) right-padded
-    with pad_id after the stop token; completion_mask (B, T) 1 up to and including the
+    with pad_id after the stop token, T the longest completion's length; completion_mask (B, T) 1 up to and including the
     stop token; truncated (B,) True where no stop token came within max_completion_length;
     sampler_logps (B, T) the log-prob of each drawn token under the distribution it was
     drawn from (0 where masked); for greedy decoding, under the unprocessed distribution."""
@@ -178,6 +178,8 @@ def _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode)
         next_position = next_position + 1
 
     length = (done_at + 1).clamp(max=steps)
-    mask = (torch.arange(steps, device=device).unsqueeze(0) < length.unsqueeze(-1)).long()
-    tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
-    return Rollout(prompt_ids, prompt_mask, tokens, mask, done_at >= steps, logps * mask)
+    # As wide as the longest completion: training then spends nothing on columns of padding.
+    width = int(length.max())
+    mask = (torch.arange(width, device=device).unsqueeze(0) < length.unsqueeze(-1)).long()
+    tokens = torch.where(mask.bool(), tokens[:, :width], torch.full_like(mask, pad_id))
+    return Rollout(prompt_ids, prompt_mask, tokens, mask, done_at >= steps, logps[:, :width] * mask)

@@ -39,10 +39,33 @@ def test_greedy_decoding_matches_transformers_generate(model):
 
 
 def test_a_prompts_completion_does_not_depend_on_the_rest_of_the_batch(model):
-    alone = [draw(model, [p], temperature=0.0).completion_ids[0] for p in PROMPTS]
-    together = draw(model, PROMPTS, temperature=0.0).completion_ids
-    for row, completion in enumerate(alone):
-        assert torch.equal(together[row], completion), row
+    alone = [draw(model, [p], temperature=0.0) for p in PROMPTS]
+    together = draw(model, PROMPTS, temperature=0.0)
+    for row, single in enumerate(alone):
+        n = int(single.lengths[0])
+        assert int(together.lengths[row]) == n
+        assert torch.equal(together.completion_ids[row, :n], single.completion_ids[0, :n]), row
+
+
+def test_completions_are_as_wide_as_the_longest():
+    """A batch whose completions all stop early trains on no column of padding."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class Stops(torch.nn.Module):  # says STOP as its second token, whatever the prompt
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, **kwargs):
+            previous = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it
+            step = 0 if previous is None else previous + 1
+            logits = torch.full((input_ids.shape[0], input_ids.shape[1], 40), -10.0)
+            logits[:, -1, STOP if step >= 1 else 7] = 10.0
+            return CausalLMOutputWithPast(logits=logits, cache=step)
+
+    out = draw(Stops(), PROMPTS, temperature=0.0)
+    assert out.completion_ids.shape == (3, 2) and out.lengths.tolist() == [2, 2, 2]
+    assert not out.truncated.any()
 
 
 def test_sampler_logps_equal_a_full_forward_over_prompt_and_completion(model):
