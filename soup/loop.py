@@ -64,22 +64,37 @@ class LoopResult:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop saves a checkpoint at the next step boundary and exits."""
+    """Set by SIGINT/SIGTERM; the loop saves a checkpoint at the next step boundary and exits.
+
+    Under a scheduler that warns of preemption with SIGUSR2 and handles it itself (submitit
+    on SLURM: requeue the job), that signal stops the run the same way, and once the
+    checkpoint is saved, the scheduler's own handler runs (hand_over): the requeued job then
+    resumes from a checkpoint of the step the warning came at, not from the last periodic one."""
 
     def __init__(self):
         self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     @contextlib.contextmanager
     def installed(self):
         def handler(signum, _frame):
             self.signum = signum
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if callable(signal.getsignal(signal.SIGUSR2)):  # someone (submitit) listens for the preemption warning
+            signals.append(signal.SIGUSR2)
+        self._previous = {sig: signal.signal(sig, handler) for sig in signals}
         try:
             yield self
         finally:
-            for sig, old in previous.items():
+            for sig, old in self._previous.items():
                 signal.signal(sig, old)
+
+    def hand_over(self) -> None:
+        """After the checkpoint: let the scheduler's handler of the preemption warning act (requeue)."""
+        previous = self._previous.get(self.signum) if self.signum == signal.SIGUSR2 else None
+        if callable(previous):
+            previous(self.signum, None)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -376,6 +391,7 @@ def train_loop(
                 last_checkpoint = checkpoint_now()
                 bar.close()
                 print(f"[soup] stopped by signal {signum} at step {step}; checkpoint: {last_checkpoint}")
+                stop.hand_over()
                 return result("signal", signum)
     bar.close()
     if evaluated_at != step:

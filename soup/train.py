@@ -15,6 +15,7 @@ tell an interrupted run from a finished one.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 import sys
@@ -88,6 +89,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     `overrides`: the command-line overrides, which validation needs to tell a field the
     user set from a default (soup/config/scope.py)."""
     started = time.time()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts and cfg.resume is None:
+        # SLURM requeued this job (preempted, or its time ran out): it continues, not starts over.
+        cfg.resume = "auto"
+        print(f"[soup] SLURM requeued this job (restart {restarts}): resume=auto")
     validate(cfg, overrides)
     world = current_world()
     check_launch(cfg.parallelism.name, world)
