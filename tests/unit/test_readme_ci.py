@@ -40,5 +40,5 @@ def test_the_readme_installs_the_dev_extra_which_holds_every_cpu_extra():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (dev,) = extras["dev"]
     named = set(re.search(r"\[(.*)\]", dev).group(1).split(","))
-    gpu_or_peer_only = {"gpu", "cce", "deepspeed", "bench", "dev"}
+    gpu_or_peer_only = {"gpu", "cce", "bench", "dev"}
     assert named == set(extras) - gpu_or_peer_only
