@@ -35,7 +35,7 @@ def config(micro_batch_size, grad_accum_steps, precision="fp32"):
                                                                     "num_hidden_layers": 2, "num_attention_heads": 2,
                                                                     "num_key_value_heads": 1}},
         "optim": {"name": "sgd", "lr": 0.5}, "sched": {"name": "constant"}, "tracker": {"name": "jsonl"},
-        "peft": {"name": "none"},
+        "peft": {"name": "none"}, "parallelism": {"name": "single"},
         "train": {"micro_batch_size": micro_batch_size, "grad_accum_steps": grad_accum_steps, "max_steps": 1,
                   "max_grad_norm": 0.0, "precision": precision, "progress_bar": False},
     })
