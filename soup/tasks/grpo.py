@@ -159,21 +159,15 @@ class GRPOTask(Task):
     def evaluate(self, model: torch.nn.Module, examples: list, batch_size: int, device) -> dict:
         """The rewards of num_generations completions per validation prompt, sampled as in
         training from a fixed seed, so evaluations at different steps draw alike."""
-        s, group = self.settings, self.settings.num_generations
+        s = self.settings
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed * 1_000_003 - 1)
         texts, lengths, truncated = [], [], []
         for start in range(0, len(examples), batch_size):
-            rows = examples[start:start + batch_size]
-            rollout = sample(model, [row["prompt_ids"] for row in rows for _ in range(group)], s.sampling,
-                             pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids, generator=generator,
-                             decode=self.tokenizer.decode)
-            texts += self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask,
-                                                 skip_special_tokens=True)
+            rollout = self._sample_groups(model, examples[start:start + batch_size], generator)
+            texts += self._completion_texts(rollout)
             lengths.append(rollout.lengths.float())
             truncated.append(rollout.truncated.float())
-        columns = {key: [row[key] for row in examples for _ in range(group)]
-                   for key in examples[0] if key != "prompt_ids"}
-        scores = score(self.rewards, texts, columns)
+        scores = score(self.rewards, texts, self._reward_columns(examples))
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         lengths_all = torch.cat(lengths)
         metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
@@ -223,18 +217,13 @@ class GRPOTask(Task):
         """Sample, score and batch the completions of `rows` (each: prompt_ids plus reward columns)."""
         s, group = self.settings, self.settings.num_generations
         started = time.perf_counter()
-        prompts = [row["prompt_ids"] for row in rows for _ in range(group)]
         # Seeded by the step (a resumed run draws the same) and the rank (ranks draw differently).
         seed = s.seed * 1_000_003 + step + current_world().rank * 100_000_007
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        rollout = sample(model, prompts, s.sampling, pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
-                         generator=generator, decode=self.tokenizer.decode)
+        rollout = self._sample_groups(model, rows, generator)
         rollout_s = time.perf_counter() - started
-        texts = self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask,
-                                            skip_special_tokens=True)
-        columns = {key: [row[key] for row in rows for _ in range(group)]
-                   for key in rows[0] if key != "prompt_ids"}
-        scores = score(self.rewards, texts, columns)
+        texts = self._completion_texts(rollout)
+        scores = score(self.rewards, texts, self._reward_columns(rows))
         scoring_s = time.perf_counter() - started - rollout_s
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         advantages = group_advantages(rewards, group, s.scale_rewards)
@@ -268,6 +257,20 @@ class GRPOTask(Task):
             for batch in batches:
                 batch["ref_logps"] = self._reference_logps(model, batch)
         return Experience(batches, metrics, texts)
+
+    def _sample_groups(self, model: torch.nn.Module, rows: list[dict], generator: torch.Generator):
+        """num_generations completions of each row's prompt, grouped contiguously."""
+        prompts = [row["prompt_ids"] for row in rows for _ in range(self.settings.num_generations)]
+        return sample(model, prompts, self.settings.sampling, pad_id=self.tokenizer.pad_token_id,
+                      stop_ids=self.stop_ids, generator=generator, decode=self.tokenizer.decode)
+
+    def _completion_texts(self, rollout) -> list[str]:
+        return self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask, skip_special_tokens=True)
+
+    def _reward_columns(self, rows: list[dict]) -> dict[str, list]:
+        """Each row column but the prompt ids, repeated for the row's num_generations completions."""
+        group = self.settings.num_generations
+        return {key: [row[key] for row in rows for _ in range(group)] for key in rows[0] if key != "prompt_ids"}
 
     def _choose_groups(self, fresh: list[dict], informative: list[bool], stds: torch.Tensor, step: int,
                        metrics: dict) -> list[dict]:

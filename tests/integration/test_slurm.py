@@ -63,15 +63,20 @@ def slurm_unreachable_reason() -> str | None:
     return None
 
 
-def require_slurm() -> None:
-    """Skip, or fail under SOUP_REQUIRE_SLURM=1, unless SLURM jobs can run from here (the
-    submitit extra installed, the cluster answering, accounting on)."""
-    for module in ("submitit", "hydra_plugins.hydra_submitit_launcher"):
+def require_extra(extra: str, modules: tuple[str, ...]) -> None:
+    """Skip (fail under SOUP_REQUIRE_EXTRAS=1) when one of the extra's modules is not installed."""
+    for module in modules:
         if not installed(module):
-            reason = f"needs the submitit extra ({module} is not installed): pip install -e \".[dev]\""
+            reason = f"needs the {extra} extra ({module} is not installed): pip install -e \".[dev]\""
             if os.environ.get("SOUP_REQUIRE_EXTRAS") == "1":
                 pytest.fail(reason + " (SOUP_REQUIRE_EXTRAS=1 is set)")
             pytest.skip(reason)
+
+
+def require_slurm() -> None:
+    """Skip, or fail under SOUP_REQUIRE_SLURM=1, unless SLURM jobs can run from here (the
+    submitit extra installed, the cluster answering, accounting on)."""
+    require_extra("submitit", ("submitit", "hydra_plugins.hydra_submitit_launcher"))
     reason = slurm_unreachable_reason()
     if reason is not None:
         reason = f"needs a reachable SLURM cluster: {reason}. Start one here with: bash scripts/slurm/up.sh"

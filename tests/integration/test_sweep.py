@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, run_cli
-from tests.integration.test_slurm import installed
+from tests.integration.test_slurm import require_extra
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,7 @@ WATCH_OPTUNA = textwrap.dedent("""
 
 def require_optuna_sweeper() -> None:
     """Skip (fail under SOUP_REQUIRE_EXTRAS=1) when the `sweep` extra is not installed."""
-    for module in ("optuna", "hydra_plugins.hydra_optuna_sweeper"):
-        if not installed(module):
-            reason = f"needs the sweep extra ({module} is not installed): pip install -e \".[dev]\""
-            if os.environ.get("SOUP_REQUIRE_EXTRAS") == "1":
-                pytest.fail(reason + " (SOUP_REQUIRE_EXTRAS=1 is set)")
-            pytest.skip(reason)
+    require_extra("sweep", ("optuna", "hydra_plugins.hydra_optuna_sweeper"))
 
 
 def test_optuna_receives_each_runs_objective_and_reports_the_best_trial(tmp_path):
