@@ -55,6 +55,23 @@ def current_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def ranks_from_submitit_tasks() -> bool:
+    """In a submitit job of several tasks (hydra.launcher.tasks_per_node > 1, or nodes > 1),
+    each task is one rank: export what torchrun would have set (RANK, WORLD_SIZE, LOCAL_RANK,
+    and a rendezvous on the job's first node, from SLURM_JOB_NODELIST) so that
+    start_process_group joins them. False (nothing exported) outside such a job or under torchrun."""
+    if launched_by_torchrun() or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return False
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return False
+    # Each rank picks its own GPU by LOCAL_RANK (start_process_group), from all the job's GPUs.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
 def start_process_group() -> World:
     """Join torchrun's process group (once per process); SINGLE when not launched by torchrun."""
     if not launched_by_torchrun():
@@ -71,13 +88,16 @@ def start_process_group() -> World:
 def check_launch(parallelism: str, world: World) -> None:
     """parallelism=ddp needs torchrun's ranks, and torchrun's ranks need a parallelism that uses them."""
     if parallelism in DISTRIBUTED and not launched_by_torchrun():
-        raise ConfigError(f"parallelism={parallelism} runs one process per rank, started by torchrun.\n"
+        raise ConfigError(f"parallelism={parallelism} runs one process per rank, started by torchrun (or as the "
+                          "tasks of a SLURM job).\n"
                           f"  fix: torchrun --nproc_per_node 2 -m soup.train parallelism={parallelism} ... "
-                          "(or parallelism=single for one process).")
+                          "(or in a sweep: hydra/launcher=slurm hydra.launcher.tasks_per_node=2; "
+                          "or parallelism=single for one process).")
     if parallelism not in DISTRIBUTED and world.distributed:
-        raise ConfigError(f"torchrun started {world.world_size} processes, but parallelism={parallelism} trains in "
-                          "one: each would train its own copy.\n  fix: add parallelism=ddp, or run with "
-                          "python -m soup.train.")
+        raise ConfigError(f"{world.world_size} processes were started (by torchrun, or as a SLURM job's tasks), but "
+                          f"parallelism={parallelism} trains in one: each would train its own copy.\n  fix: add "
+                          "parallelism=ddp, or start one process (python -m soup.train; in a sweep, "
+                          "hydra.launcher.tasks_per_node=1).")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -112,6 +132,17 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+def on_cpu(value):
+    """`value` with every tensor in its dicts, lists and tuples moved to the CPU (for pickling across ranks)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def broadcast_from_main(value):
     """Rank 0's `value` on every rank."""
     if not current_world().distributed:
@@ -143,6 +174,31 @@ def no_sync(model: torch.nn.Module, skip: bool):
     if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def forward_is_collective(model: torch.nn.Module) -> bool:
+    """Whether the model's forward gathers weights from the other ranks (FSDP2, ZeRO-3), so
+    that every rank must run the same number of forwards."""
+    from soup.fsdp import is_sharded
+
+    return is_sharded(model) or any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: torch.nn.Module):
+    """The model's parameters as full tensors (collective for a sharded model: call it on
+    every rank). ZeRO-3's partitions are gathered for the duration of the block, FSDP2's
+    shards copied into full tensors; a plain model's parameters are themselves."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            yield params
+        return
+    from torch.distributed.tensor import DTensor
+
+    yield [p.full_tensor() if isinstance(p, DTensor) else p for p in params]
 
 
 def end_process_group() -> None:

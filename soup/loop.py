@@ -28,8 +28,8 @@ from soup.checkpoint import (capture_rng, load_checkpoint, restore_rng, save_che
                              save_sharded_checkpoint)
 from soup.config.resume import SCHEDULE_KEYS
 from soup.data.sampler import ResumableBatchSampler
-from soup.distributed import (all_gather_objects, any_rank, current_world, no_sync, sum_across_ranks,
-                              sum_dict_across_ranks, unwrap)
+from soup.distributed import (all_gather_objects, any_rank, current_world, no_sync, on_cpu,
+                              sum_across_ranks, sum_dict_across_ranks, unwrap)
 from soup import zero
 from soup.fsdp import is_sharded, load_sharded, save_sharded
 from soup.errors import SoupError
@@ -245,6 +245,8 @@ def train_loop(
         if scaler is not None and "grad_scaler" in extra:
             scaler.load_state_dict(extra["grad_scaler"])
         task.load_state_dict(extra.get("task", {}))
+        if "rank_task" in extra:
+            task.load_rank_state_dict(rank_state_at(extra["rank_task"], world.rank, resume_from))
         tracker.truncate_after(step)
         change_history = [*state.get("resume_changes", []), *({**c, "at_step": step} for c in resume_changes)]
         if any(c["key"] in SCHEDULE_KEYS for c in resume_changes):
@@ -257,6 +259,7 @@ def train_loop(
 
     def checkpoint_now() -> Path | None:
         rank_rng = all_gather_objects(capture_rng()) if world.distributed else None
+        rank_task = all_gather_objects(on_cpu(task.rank_state_dict()))
         if not is_main_process:
             return None
         trainer_state = {
@@ -266,6 +269,8 @@ def train_loop(
             "config": config_record, "resume_changes": change_history,
         }
         extra = {"task": task.state_dict()}
+        if any(rank_task):
+            extra["rank_task"] = rank_task
         if rank_rng is not None:
             extra["rank_rng"] = rank_rng
         if scaler is not None:
@@ -429,6 +434,13 @@ def clipped_optimizer_step(optimizer: torch.optim.Optimizer, scaler, max_grad_no
     else:
         optimizer.step()
     return grad_norm
+
+
+def rank_state_at(states: list[dict], rank: int, checkpoint: Path) -> dict:
+    if rank >= len(states):
+        raise SoupError(f"resume: {checkpoint} holds the task state of {len(states)} rank(s), not of rank {rank}.\n"
+                        f"  fix: resume with {len(states)} process(es) (torchrun --nproc_per_node {len(states)}).")
+    return states[rank]
 
 
 def follow_new_schedule(optimizer: torch.optim.Optimizer, scheduler, base_lrs: list[float]) -> None:

@@ -36,7 +36,7 @@ from soup.config import register_configs, resolve_device, validate
 from soup.config.resume import check_resume_config, config_changes
 from soup.console import copied_to, silenced
 from soup.distributed import (barrier, broadcast_from_main, check_launch, current_world, end_process_group,
-                              start_process_group, unwrap)
+                              ranks_from_submitit_tasks, start_process_group, unwrap)
 from soup.errors import ConfigError, SoupError
 from soup.fsdp import full_state_dict, is_sharded, shard_model
 from soup.zero import full_state_dict as zero_full_state_dict, is_engine
@@ -97,11 +97,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     validate(cfg, overrides)
     world = current_world()
     check_launch(cfg.parallelism.name, world)
+    refused = None
     if cfg.resume is None and world.is_main:
-        removed = prepare_fresh_run_dir(run_dir, cfg.overwrite)
-        if removed:
-            print(f"[soup] overwrite=true: deleted {', '.join(removed)} from {run_dir}")
-    barrier()  # no rank reads the run dir before rank 0 has cleared it
+        try:
+            removed = prepare_fresh_run_dir(run_dir, cfg.overwrite)
+        except SoupError as exc:
+            refused = exc
+        else:
+            if removed:
+                print(f"[soup] overwrite=true: deleted {', '.join(removed)} from {run_dir}")
+    # No rank reads the run dir before rank 0 has cleared it, and when rank 0 may not, every
+    # rank stops with its error (not with a broken connection to it).
+    refused = broadcast_from_main(refused)
+    if refused is not None:
+        if world.is_main:
+            raise refused
+        sys.exit(USER_ERROR)  # rank 0 reports it
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device, world.local_rank)
     # Resolved once, before anything reads it: every later reader sees fp32, bf16 or fp16, never auto.
@@ -250,6 +261,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
 def plain_model(cfg: DictConfig, tokenizer, state: dict) -> torch.nn.Module:
     """A one-process copy of the trained model (its adapters included) holding `state`."""
     model = apply_peft(build_model(cfg.model, tokenizer, cfg.seed), cfg.peft, cfg.seed)
+    if cfg.quant.name in ("4bit", "8bit"):
+        # The base's packed 4-bit codes do not fit the plain base, and final/ holds the adapter
+        # alone: load the trained tensors only, onto the base the run quantised.
+        trained = {name for name, param in model.named_parameters() if param.requires_grad}
+        missing = sorted(trained - state.keys())
+        if missing:
+            raise RuntimeError(f"the gathered state lacks trained tensors: {missing[:3]}")
+        model.load_state_dict({name: state[name] for name in trained}, strict=False)
+        return model
     model.load_state_dict(state, strict=True)
     return model
 
@@ -281,6 +301,18 @@ def resume_config_changes(cfg: DictConfig, checkpoint: Path) -> list[dict]:
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    # A sweep's job calls main directly (not cli): the tasks of a multi-task SLURM job join here.
+    ranks_of_this_job = ranks_from_submitit_tasks()
+    if ranks_of_this_job:
+        start_process_group()
+    try:
+        return train_in_run_dir(cfg, hydra_cfg, run_dir)
+    finally:
+        if ranks_of_this_job:
+            end_process_group()
+
+
+def train_in_run_dir(cfg: DictConfig, hydra_cfg, run_dir: Path) -> float | None:
     # Rank 0 speaks for the run; the other ranks' output would repeat it (their errors still show).
     console_of_rank = (copied_to(run_dir / f"{hydra_cfg.job.name}.log") if current_world().is_main
                        else silenced())

@@ -324,8 +324,6 @@ def _check_optim(cfg: DictConfig, need) -> None:
 def _check_ranks(cfg: DictConfig, need) -> None:
     """What several processes cannot do yet, refused rather than done differently on each rank."""
     one = f"parallelism={cfg.parallelism.name}"
-    need(cfg.kernels.name != "auto", f"{one} with kernels=auto: each rank would time the candidates itself and could "
-                                     "pick differently. Name the kernels (kernels=compile, or kernels=none).")
     need(cfg.offload.name != "disk", f"{one} with offload=disk: the ranks would share one scratch directory. "
                                      "Use offload=none (or parallelism=single).")
     reference = cfg.task.get("reference")
@@ -333,11 +331,10 @@ def _check_ranks(cfg: DictConfig, need) -> None:
                                      "reference cache. Use task.reference=auto (or copy / adapter).")
     if cfg.parallelism.name == "ddp":
         return
-    need(cfg.task.name != "grpo", f"{one} with task=grpo: rollouts gather the sharded weights at every decoded "
-                                  "token, in lockstep across ranks, which the decode loop does not keep yet. Use "
-                                  "parallelism=ddp for GRPO.")
-    need(cfg.quant.name in ("none", "fp8"), f"{one} with quant={cfg.quant.name}: sharding bitsandbytes weights "
-                                            "is not wired yet. Use parallelism=ddp with quantised bases.")
+    if cfg.parallelism.name == "fsdp2":
+        need(cfg.quant.name != "8bit", f"{one} with quant=8bit: bitsandbytes keeps the 8-bit weights' scales on "
+                                       "the parameter object, which FSDP2 replaces with its shard. Use quant=4bit "
+                                       "(QLoRA shards under fsdp2), or parallelism=ddp.")
     need(cfg.kernels.name == "none", f"{one} with kernels={cfg.kernels.name}: torch.compile around sharded "
                                      "blocks is not wired yet. Use kernels=none.")
     on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
@@ -348,7 +345,8 @@ def _check_ranks(cfg: DictConfig, need) -> None:
     if cfg.parallelism.name.startswith("deepspeed"):
         need(cfg.train.precision != "fp16", f"{one} with train.precision=fp16: DeepSpeed would scale the loss "
                                             "itself, beside soup's grad scaler. Use train.precision=bf16 or fp32.")
-        need(cfg.quant.name == "none", f"{one} with quant={cfg.quant.name}: not wired yet. Use quant=none.")
+        need(cfg.quant.name == "none", f"{one} with quant={cfg.quant.name}: quantised bases under DeepSpeed are not "
+                                       "wired. Use parallelism=fsdp2 with quant=4bit (QLoRA), or parallelism=ddp.")
         need(importlib.util.find_spec("deepspeed") is not None,
              f"{one} needs DeepSpeed, which is not installed.\n  fix: pip install 'soup-harness[deepspeed]' "
              "(it builds no ops at install).")

@@ -36,7 +36,8 @@ class UnpairedLogps:
     ref_logps: the same under the reference model (detached).
     kl_logps / kl_ref_logps: policy / reference log p(completion_j | prompt_i) for MISMATCHED
         pairs (completion of another row), the baseline of KTO's reference point; None when
-        the loss does not use it.
+        the loss does not use it. [kl_rows], one row per batch row, or those of every rank
+        (gathered under data parallelism).
     """
 
     logps: Tensor
@@ -51,11 +52,15 @@ class UnpairedLogps:
             raise ValueError(f"UnpairedLogps.logps must be [batch], got shape {tuple(self.logps.shape)}")
         if self.desirable.dtype != torch.bool:
             raise ValueError(f"UnpairedLogps.desirable must be a bool tensor, got {self.desirable.dtype}")
-        for name in ("tokens", "desirable", "ref_logps", "kl_logps", "kl_ref_logps"):
+        for name in ("tokens", "desirable", "ref_logps"):
             value = getattr(self, name)
-            if value is not None and value.shape != self.logps.shape:
+            if value.shape != self.logps.shape:
                 raise ValueError(f"UnpairedLogps.{name} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(self.logps.shape)} like logps")
+        kl = [t for t in (self.kl_logps, self.kl_ref_logps) if t is not None]
+        if kl and (len(kl) == 1 or kl[0].dim() != 1 or kl[0].shape != kl[1].shape or kl[0].numel() == 0):
+            raise ValueError("UnpairedLogps.kl_logps and kl_ref_logps must be given together, as two non-empty "
+                             f"[kl_rows] tensors; got shapes {[tuple(t.shape) for t in kl]}")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from soup.distributed import broadcast_from_main
 from soup.errors import ConfigError, require
 
 KERNELS = ("none", "liger", "flash_attn", "compile", "auto")
@@ -171,7 +172,9 @@ def apply_kernels(model: nn.Module, name: str, device: torch.device, sample_batc
         return model, "kernels: none (stock modules)"
     if name != "auto":
         return model, "kernels: " + "; ".join(_apply_parts(model, (name,), device))
-    choice = choose_kernels(model, device, sample_batch, autocast_dtype=autocast_dtype)
+    # Every rank times the candidates (as busy as in training), and all take rank 0's pick:
+    # ranks that compiled differently would run different programs on one model.
+    choice = broadcast_from_main(choose_kernels(model, device, sample_batch, autocast_dtype=autocast_dtype))
     applied = _apply_parts(model, choice.parts, device)
     picked = "; ".join(applied) if applied else "none (stock modules)"
     return model, f"kernels: auto picked {picked}; {choice.describe()}"

@@ -101,9 +101,12 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, params: Samp
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, *, pad_id: int,
-           stop_ids: set[int], generator: torch.Generator | None = None, decode=None) -> Rollout:
+           stop_ids: set[int], generator: torch.Generator | None = None, decode=None,
+           any_rank_live=None) -> Rollout:
     """Draw one completion per prompt (repeat a prompt in `prompts` for several).
-    decode: token ids -> text, for params.stop."""
+    decode: token ids -> text, for params.stop. any_rank_live: this rank's "a row is still
+    live" -> whether one is on any rank, for a model whose forward is a collective (FSDP2,
+    ZeRO-3 gather weights in it): every rank then decodes until the last rank's rows end."""
     if params.stop and decode is None:
         raise ValueError("stop strings need a decode function")
     device = next(model.parameters()).device
@@ -112,7 +115,8 @@ def sample(model: torch.nn.Module, prompts: list[list[int]], params: SamplingPar
     try:
         # A compiled model (kernels=compile) would recompile for every new cache length: decode eagerly.
         with torch.compiler.set_stance("force_eager"):
-            return _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode)
+            return _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode,
+                           any_rank_live or (lambda live: live))
     finally:
         model.train(was_training)
 
@@ -129,7 +133,7 @@ def ends_in_stop_string(tokens: torch.Tensor, live: torch.Tensor, t: int, stops:
     return hit
 
 
-def _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode) -> Rollout:
+def _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode, any_rank_live) -> Rollout:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     rows, steps = prompt_ids.shape[0], params.max_completion_length
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
@@ -170,7 +174,7 @@ def _decode(model, prompts, params, pad_id, stop_ids, generator, device, decode)
             stopped = stopped | ends_in_stop_string(tokens, live, t, params.stop, decode)
         done_at = torch.where(stopped, torch.full_like(done_at, t), done_at)
         live = live & ~stopped
-        if not live.any() or t == steps - 1:
+        if t == steps - 1 or not any_rank_live(bool(live.any())):
             break
         attention = torch.cat([attention, torch.ones((rows, 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=chosen.unsqueeze(-1), attention_mask=attention, position_ids=next_position,

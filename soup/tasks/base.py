@@ -105,6 +105,14 @@ class Task(ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned."""
 
+    def rank_state_dict(self) -> dict:
+        """State that differs from rank to rank (each rank's own rollouts, ...): every rank's
+        is saved, and each rank gets its own back on resume."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """Restore what this rank's rank_state_dict() returned."""
+
     @abstractmethod
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         """Run the model and return the loss summed over this micro-batch's units."""

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from soup.distributed import current_world
+from soup.distributed import any_rank, current_world, forward_is_collective, gathered_parameters
 from soup.losses.grpo import (group_advantages, loss_units, policy_loss, reduce_loss, rft_keep,
                               zero_std_groups)
 from soup.rewards import score
@@ -193,13 +193,21 @@ class GRPOTask(Task):
         return [f"reference: copy (a frozen copy of the initial policy{sync})"]
 
     def state_dict(self) -> dict:
+        """The moving reference, the same on every rank."""
+        if self.reference is not None and self.settings.ref_sync_steps:
+            return {"reference": {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}}
+        return {}
+
+    def rank_state_dict(self) -> dict:
+        """This rank's own rollouts: the generation batch being trained and the replay buffer."""
         state: dict = {"replay": self.replay.state_dict()}
         if self._experience is not None:
             state["experience"] = {"step": self._experience_step, "batches": self._experience.batches,
                                    "metrics": self._experience.metrics}
-        if self.reference is not None and self.settings.ref_sync_steps:
-            state["reference"] = {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
         return state
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self.load_state_dict(state)
 
     def load_state_dict(self, state: dict) -> None:
         if "replay" in state:
@@ -262,7 +270,8 @@ class GRPOTask(Task):
         """num_generations completions of each row's prompt, grouped contiguously."""
         prompts = [row["prompt_ids"] for row in rows for _ in range(self.settings.num_generations)]
         return sample(model, prompts, self.settings.sampling, pad_id=self.tokenizer.pad_token_id,
-                      stop_ids=self.stop_ids, generator=generator, decode=self.tokenizer.decode)
+                      stop_ids=self.stop_ids, generator=generator, decode=self.tokenizer.decode,
+                      any_rank_live=any_rank if forward_is_collective(model) else None)
 
     def _completion_texts(self, rollout) -> list[str]:
         return self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask, skip_special_tokens=True)
@@ -358,10 +367,11 @@ class GRPOTask(Task):
 def pull_toward(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
     """reference <- alpha x policy + (1 - alpha) x reference, parameter by parameter
     (TR-DPO's soft update, arXiv 2404.09656; alpha = 1 copies the policy)."""
-    ref_params, policy_params = list(reference.parameters()), list(policy.parameters())
-    if [p.shape for p in ref_params] != [p.shape for p in policy_params]:
-        raise RuntimeError("grpo: the reference copy no longer matches the policy's parameters")
-    with torch.no_grad():
+    ref_params = list(reference.parameters())
+    # A sharded policy (fsdp2, ZeRO-3) is gathered on every rank; the reference is a plain copy.
+    with torch.no_grad(), gathered_parameters(policy) as policy_params:
+        if [p.shape for p in ref_params] != [p.shape for p in policy_params]:
+            raise RuntimeError("grpo: the reference copy no longer matches the policy's parameters")
         for ref, param in zip(ref_params, policy_params):
             ref.mul_(1 - alpha).add_(param.detach().to(ref.dtype), alpha=alpha)
 

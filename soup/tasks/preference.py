@@ -18,6 +18,7 @@ from soup.data.collate import add_ref_logps, collate_pairs, collate_unpaired
 from soup.data.packing import MASK_ATTN_IMPLEMENTATIONS
 from soup.data.preference import build_preference_datasets
 from soup.data.shared_prompt import collate_shared_prompt, units_in
+from soup.distributed import all_gather_objects, current_world
 from soup.losses.preference import PairedLogps, chosen_nll
 from soup.losses.registry import LossSpec, get_loss
 from soup.losses.unpaired import RunningMean, UnpairedLogps
@@ -216,8 +217,11 @@ class PreferenceTask(Task):
         n = self.units(batch)
         tokens = tokens.to(logps.dtype)
         if self.unpaired:
+            kl_logps, kl_ref_logps = logps[n:].detach(), ref[n:]
+            if model.training:  # KTO's z0 averages the mismatched pairs of every rank, as the paper's devices
+                kl_logps, kl_ref_logps = gather_rows(kl_logps), gather_rows(kl_ref_logps)
             inputs = UnpairedLogps(logps=logps[:n], tokens=tokens[:n], desirable=batch["desirable"].to(logps.device),
-                                   ref_logps=ref[:n], kl_logps=logps[n:].detach(), kl_ref_logps=ref[n:])
+                                   ref_logps=ref[:n], kl_logps=kl_logps, kl_ref_logps=kl_ref_logps)
         else:
             inputs = PairedLogps(chosen=logps[:n], rejected=logps[n:], chosen_tokens=tokens[:n],
                                  rejected_tokens=tokens[n:],
@@ -245,7 +249,7 @@ class PreferenceTask(Task):
                 rewards = self.beta * (inputs.logps - inputs.ref_logps)
             else:
                 rewards = self.beta * torch.cat([inputs.chosen - inputs.ref_chosen, inputs.rejected - inputs.ref_rejected])
-            self.reward_mean.update(rewards)
+            self.reward_mean.update(gather_rows(rewards))  # every rank's rewards: one δ on all ranks
 
     def _metrics(self, inputs, out) -> tuple[dict[str, float], dict[str, float]]:
         """(sums, counts) over this micro-batch; the loop divides sums by the step's units
@@ -275,3 +279,12 @@ class PreferenceTask(Task):
             "logps/chosen": float(inputs.chosen.detach().sum()),
             "logps/rejected": float(inputs.rejected.detach().sum()),
         }, {}
+
+
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a detached tensor, in rank order (the rows themselves in one
+    process): what one process would hold with the global micro-batch. Training only, where
+    every rank runs the same number of micro-batches."""
+    if not current_world().distributed:
+        return values
+    return torch.cat(all_gather_objects(values.detach().cpu())).to(values.device)

@@ -133,33 +133,103 @@ def test_ddp_without_torchrun_prints_the_torchrun_command(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_bco_folds_every_ranks_rewards_into_one_reward_shift(tmp_path):
+    """BCO's delta is the running mean of every reward so far: each step, every rank folds in
+    all ranks' rewards, so 2 ranks train as one process with the global batch does (with each
+    rank's own mean, the ranks' deltas would differ: at this lr, 1e-3 relative by step 2)."""
+    bco = [*BASE, "task=bco", "peft=lora", "optim.lr=1e-2"]
+    torchrun(tmp_path / "ddp", *bco, "train.micro_batch_size=4")
+    run_in_process(tmp_path / "single", [*bco, "train.micro_batch_size=8"])
+    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone checks the run dir; the other ranks wait for it and stop with its error."""
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # an unfinished run that a fresh run would overwrite
+    proc = torchrun(tmp_path, *BASE, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("already holds an unfinished run") == 1
+    assert "exitcode  : 2" in proc.stderr and "exitcode  : 1" not in proc.stderr  # both ranks: a user error
+    assert "Connection closed by peer" not in proc.stderr
+
+
 def test_torchrun_with_one_process_parallelism_is_refused(tmp_path):
     proc = run_cli("--standalone", "--nproc_per_node=2", "-m", "soup.train", "debug=tiny",
                    f"hydra.run.dir={tmp_path}", module="torch.distributed.run", check=False)
     assert proc.returncode != 0 and "parallelism=single trains in one" in proc.stderr
 
 
-def test_grpo_samples_on_every_rank(tmp_path):
-    """Each rank rolls out its own prompts (seeded by step and rank); the step reads both ranks' share."""
-    (tmp_path / "len.py").write_text("def reward_fn(completions, **columns):\n"
-                                     "    return [len(c) / 10 for c in completions]\n")
-    torchrun(tmp_path / "run", "task=grpo", "debug=tiny", f"task.reward=[{tmp_path / 'len.py'}]",
-             "task.num_generations=4", "task.max_completion_length=8", "train.micro_batch_size=2", "train.max_steps=2",
-             "task.beta=0.1", "train.eval_every_steps=0")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+# GRPO with what moves between steps: mu=2 (a generation batch trained twice, with its old
+# log-probs), and a reference copy pulled toward the policy every 2 steps.
+GRPO = ["task=grpo", "debug=tiny", "task.num_generations=4", "task.max_completion_length=8",
+        "train.micro_batch_size=2", "train.max_steps=4", "task.beta=0.1", "task.num_iterations=2",
+        "task.ref_sync_steps=2", "train.eval_every_steps=0", "train.save_every_steps=3", "train.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def grpo_ddp(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("grpo")
+    (root / "len.py").write_text("def reward_fn(completions, **columns):\n"
+                                 "    return [len(c) / 10 for c in completions]\n")
+    overrides = [*GRPO, f"task.reward=[{root / 'len.py'}]"]
+    torchrun(root / "ddp", *overrides)
+    return root / "ddp", overrides
+
+
+def test_grpo_samples_on_every_rank_and_resumes_each_ranks_rollouts(tmp_path, grpo_ddp):
+    """Each rank rolls out its own prompts (seeded by step and rank); the step reads both
+    ranks' share. A resume in the middle of a generation batch (step 3 of mu=2) gives each
+    rank back its own batch, so the run goes on exactly."""
+    run, overrides = grpo_ddp
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
-    # 58 prompts (6 held out) make ceil(58 / (2 ranks x 2)) = 15 micro-steps per epoch; 2 of them done
-    assert len(train) == 2 and train[-1]["epoch"] == pytest.approx(2 / 15)
+    # 58 prompts (6 held out) make ceil(58 / (2 ranks x 2)) = 15 draws per epoch; 2 of them done
+    assert len(train) == 4 and train[-1]["epoch"] == pytest.approx(2 / 15)
     assert train[-1]["trained_tokens"] > 0
+    extra = torch.load(run / "checkpoints" / "step-3" / "extra.pt", weights_only=True)
+    batches = [rank["experience"]["batches"] for rank in extra["rank_task"]]
+    assert len(batches) == 2 and not torch.equal(batches[0][0]["completion_ids"], batches[1][0]["completion_ids"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "final")
+    (resumed / "run.json").unlink()
+    torchrun(resumed, *overrides, "resume=auto")
+    assert train_losses(resumed) == train_losses(run)
+    assert all(torch.equal(a, b) for a, b in zip(weights(run).values(), weights(resumed).values()))
 
 
-def test_qlora_trains_under_ddp_like_one_process(tmp_path):
-    """Each rank quantises rank 0's copy of the built model (transformers saves on rank 0 only)."""
+@pytest.mark.parametrize("parallelism", ["fsdp2", *ZERO])
+def test_grpo_under_sharded_weights_trains_like_ddp(grpo_ddp, tmp_path, parallelism):
+    """Sharded, every rank gathers the weights in each decoding forward, so the ranks decode
+    in lockstep; the reference copy is pulled toward the gathered policy. The same seeds draw
+    the same completions as under ddp, so the losses agree to the tolerance above."""
+    run, overrides = grpo_ddp
+    torchrun(tmp_path / parallelism, *overrides, "train.save_every_steps=0", parallelism=parallelism)
+    assert train_losses(tmp_path / parallelism) == pytest.approx(train_losses(run), rel=1e-4)
+
+
+QLORA = [*BASE, "peft=lora", "quant=4bit", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128"]
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+def test_qlora_trains_like_one_process(tmp_path, parallelism):
+    """ddp: each rank quantises rank 0's copy of the built model (transformers saves on rank 0
+    only). fsdp2: fully_shard shards the packed 4-bit codes beside the adapters, parameter by
+    parameter (so, unlike FSDP1's flat buffers, quant.quant_storage need not match the compute
+    dtype); its sharded checkpoint resumes exactly, and final/ is the adapter alone."""
     pytest.importorskip("bitsandbytes")
-    qlora = ["peft=lora", "quant=4bit", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128"]
-    torchrun(tmp_path / "ddp", *BASE, *qlora, "train.micro_batch_size=4")
-    run_in_process(tmp_path / "single", [*BASE, *qlora, "train.micro_batch_size=8"])
-    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+    run = tmp_path / parallelism
+    torchrun(run, *QLORA, "train.micro_batch_size=4", "train.save_every_steps=3", parallelism=parallelism)
+    run_in_process(tmp_path / "single", [*QLORA, "train.micro_batch_size=8"])
+    assert train_losses(run) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
+    a, b = weights(run), weights(tmp_path / "single")
+    assert a.keys() == b.keys() and all("lora_" in key for key in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
+    if parallelism == "fsdp2":
+        resume_from_step_3(run, tmp_path / "resumed", *QLORA, "train.micro_batch_size=4", "train.save_every_steps=3",
+                           parallelism=parallelism)
+        assert train_losses(tmp_path / "resumed") == train_losses(run)
+        assert all(torch.equal(a[k], weights(tmp_path / "resumed")[k]) for k in a)
 
 
 @NO_DEEPSPEED

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, run_in_process
+from tests.integration.test_distributed import train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -216,13 +217,23 @@ def test_preempted_and_requeued_jobs_resume_from_the_step_they_stopped_at(slurm,
         assert accounting_states(job_id) == ["REQUEUED", "COMPLETED"], job_id
 
 
-# PLACEHOLDER until parallelism=ddp can start its ranks inside a SLURM job: fill in, then unskip.
-@pytest.mark.skip(reason="parallelism=ddp arrives with the lead's change")
 def test_a_two_task_job_trains_with_ddp(slurm, tmp_path):
-    """PLACEHOLDER: one SLURM job of 2 tasks (hydra.launcher.tasks_per_node=2) training the tiny
-    default with parallelism=ddp: both ranks join one gloo process group from SLURM's variables,
-    rank 0 alone writes the run directory, and the loss equals the single-process run's."""
+    """One SLURM job of 2 tasks (hydra.launcher.tasks_per_node=2), each task a rank of
+    parallelism=ddp: soup maps SLURM's variables to torch.distributed's (submitit's
+    TorchDistributedEnvironment: the rendezvous on the job's first node) and both join one gloo
+    group. Rank 0 alone writes the run directory, and the losses are the single-process run's
+    with the same global batch (2 ranks x 4 = 8; the tolerance of tests/integration/test_distributed.py)."""
+    same = [*SHORT, "train.grad_accum_steps=1", "train.eval_every_steps=0"]
     run_cli("--multirun", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
-            "parallelism=ddp", *SHORT, f"hydra.sweep.dir={tmp_path}", timeout=600)
-    (job,) = job_dirs(tmp_path)
+            "parallelism=ddp", *same, "train.micro_batch_size=4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            timeout=600)
+    (job,) = job_dirs(tmp_path / "sweep")
     assert json.loads((job / "run.json").read_text())["stats"]["status"] == "finished"
+    assert (job / "train.log").read_text().count("[soup] parallelism: ddp, 2 ranks (gloo)") == 1
+    (job_id,) = submitit_results(tmp_path / "sweep")
+    assert accounting_states(job_id) == ["COMPLETED"]
+    assert sorted(p.name for p in (tmp_path / "sweep" / ".submitit" / job_id).glob("*_log.out")) == [
+        f"{job_id}_0_log.out", f"{job_id}_1_log.out"]  # two SLURM tasks ran it
+
+    run_in_process(tmp_path / "single", [*same, "train.micro_batch_size=8"])
+    assert train_losses(job) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)

@@ -18,7 +18,6 @@ def validated(*overrides):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["kernels=auto"], "parallelism=ddp with kernels=auto"),
     (["offload=disk"], "parallelism=ddp with offload=disk"),
     (["task=dpo", "task.reference=precomputed", "task.ref_cache_dir=/tmp/x"],
      "parallelism=ddp with task.reference=precomputed"),
@@ -29,9 +28,9 @@ def test_what_ddp_cannot_do_yet_is_refused(overrides, says):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["task=grpo"], "parallelism=fsdp2 with task=grpo"),
-    (["quant=4bit", "peft=lora"], "parallelism=fsdp2 with quant=4bit"),
+    (["quant=8bit", "peft=lora"], "parallelism=fsdp2 with quant=8bit"),
     (["kernels=compile"], "parallelism=fsdp2 with kernels=compile"),
+    (["kernels=auto"], "parallelism=fsdp2 with kernels=auto"),
     (["parallelism.cpu_offload=true"], "parallelism.cpu_offload=true moves state"),
     (["offload=disk"], "parallelism=fsdp2 with offload=disk"),
 ])
@@ -43,7 +42,6 @@ def test_what_fsdp2_cannot_do_yet_is_refused(overrides, says):
 @pytest.mark.parametrize("overrides, says", [
     (["train.precision=fp16"], "deepspeed_zero3 with train.precision=fp16"),
     (["parallelism.offload_param=true"], "parallelism.offload_param=true moves state"),
-    (["task=grpo"], "deepspeed_zero3 with task=grpo"),
 ])
 def test_what_deepspeed_cannot_do_yet_is_refused(overrides, says):
     with pytest.raises(ConfigError, match=says):
@@ -57,6 +55,10 @@ def test_fsdp2_settings_are_refused_without_fsdp2():
 
 def test_ddp_and_fsdp2_compose_with_the_rest():
     validated("parallelism=ddp", "peft=lora", "kernels=compile")
+    validated("parallelism=ddp", "kernels=auto")  # every rank takes rank 0's pick
+    validated("parallelism=fsdp2", "task=grpo", "task.beta=0.1", "task.ref_sync_steps=2")
+    validated("parallelism=deepspeed_zero3", "task=grpo")
+    validated("parallelism=fsdp2", "peft=lora", "quant=4bit")
     validated("parallelism=fsdp2", "peft=lora", "task=dpo", "parallelism.reshard_after_forward=false")
     with pytest.raises(ConfigError, match="parallelism.offload_param=false is set, but this run does not read it"):
         validated("parallelism=deepspeed_zero2", "parallelism.offload_param=false")

@@ -273,3 +273,31 @@ def test_compiled_model_matches_eager_and_trains_a_step():
         torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
     for p_eager, p_compiled in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(p_compiled, p_eager, rtol=1e-4, atol=1e-5)
+
+
+def _auto_on_rank(rank: int, init_file: str, picks: dict) -> None:
+    """One rank of a 2-process gloo group whose own timing would pick differently from rank 0's."""
+    import torch.distributed as dist
+
+    import soup.memory.kernels as kernels
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        own = ("compile",) if rank == 1 else ()
+        kernels.choose_kernels = lambda *a, **k: kernels.AutoChoice(own, {"none": 1.0, "compile": 1.0}, 1, 1)
+        _, line = kernels.apply_kernels(torch.nn.Linear(2, 2), "auto", torch.device("cpu"))
+        picks[rank] = line
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_auto_pick(tmp_path):
+    """kernels=auto under several ranks: each times the candidates, all apply rank 0's pick
+    (ranks compiled differently would run different programs on one model)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        picks = manager.dict()
+        mp.spawn(_auto_on_rank, args=(str(tmp_path / "rendezvous"), picks), nprocs=2)
+        assert picks[0] == picks[1] == "kernels: auto picked none (stock modules); " + \
+            "forward ms (median of 5, 1x1 tokens, no grad): none=1.00, compile=1.00"

@@ -47,25 +47,50 @@ def test_a_prompts_completion_does_not_depend_on_the_rest_of_the_batch(model):
         assert torch.equal(together.completion_ids[row, :n], single.completion_ids[0, :n]), row
 
 
+class SaysStopSecond(torch.nn.Module):
+    """Says 7, then STOP, whatever the prompt; counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.forwards = 0
+
+    def forward(self, input_ids, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        self.forwards += 1
+        previous = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it
+        step = 0 if previous is None else previous + 1
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], 40), -10.0)
+        logits[:, -1, STOP if step >= 1 else 7] = 10.0
+        return CausalLMOutputWithPast(logits=logits, cache=step)
+
+
 def test_completions_are_as_wide_as_the_longest():
     """A batch whose completions all stop early trains on no column of padding."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    class Stops(torch.nn.Module):  # says STOP as its second token, whatever the prompt
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, input_ids, **kwargs):
-            previous = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it
-            step = 0 if previous is None else previous + 1
-            logits = torch.full((input_ids.shape[0], input_ids.shape[1], 40), -10.0)
-            logits[:, -1, STOP if step >= 1 else 7] = 10.0
-            return CausalLMOutputWithPast(logits=logits, cache=step)
-
-    out = draw(Stops(), PROMPTS, temperature=0.0)
+    model = SaysStopSecond()
+    out = draw(model, PROMPTS, temperature=0.0)
     assert out.completion_ids.shape == (3, 2) and out.lengths.tolist() == [2, 2, 2]
     assert not out.truncated.any()
+    assert model.forwards == 2  # the prefill and one decoding step: it stops when its rows do
+
+
+def test_a_rank_whose_rows_ended_decodes_on_until_every_ranks_have():
+    """A sharded model's forward is a collective (FSDP2, ZeRO-3 gather weights in it): a rank
+    whose rows have all stopped keeps calling the model, on padding, while another rank's rows
+    are live, and its completions do not change."""
+    model = SaysStopSecond()
+    other_rank_live_for = 6  # forwards
+
+    def any_rank_live(live_here: bool) -> bool:
+        return live_here or model.forwards < other_rank_live_for
+
+    params = SamplingParams(max_completion_length=12, temperature=0.0)
+    out = sample(model, PROMPTS, params, pad_id=PAD, stop_ids={STOP}, any_rank_live=any_rank_live)
+    assert model.forwards == other_rank_live_for
+    alone = draw(SaysStopSecond(), PROMPTS, temperature=0.0)
+    assert torch.equal(out.completion_ids, alone.completion_ids) and torch.equal(out.sampler_logps, alone.sampler_logps)
+    assert out.lengths.tolist() == [2, 2, 2] and not out.truncated.any()
 
 
 def test_sampler_logps_equal_a_full_forward_over_prompt_and_completion(model):

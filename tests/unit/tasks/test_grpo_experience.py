@@ -125,7 +125,7 @@ def test_the_replay_buffer_stands_in_for_uniform_groups_with_their_own_old_logps
         torch.testing.assert_close(batch["old_logps"][row:row + GROUP, :width], match[0]["old_logps"])
 
     restored = make_task(tokenizer, reward=sometimes_flat, replay_buffer_size=3)
-    restored.load_state_dict(task.state_dict())
+    restored.load_rank_state_dict(task.rank_state_dict())  # each rank's own buffer
     assert [g["priority"] for g in restored.replay.groups] == [g["priority"] for g in task.replay.groups]
 
 
