@@ -36,8 +36,15 @@ def is_engine(model) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
 
 
-def engine_config(cfg) -> dict:
+def engine_config(cfg, hidden_size: int | None = None) -> dict:
     zero = {"stage": STAGES[cfg.parallelism.name]}
+    if hidden_size:
+        # DeepSpeed's default buckets (5e8 elements: 1.9 GB per rank in fp32) dwarf a small
+        # model; size them from its width (the values of transformers' DeepSpeed "auto").
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if zero["stage"] == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if cfg.parallelism.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.parallelism.offload_param:
@@ -59,8 +66,14 @@ def start_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg):
     import deepspeed
 
     engine, engine_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                          config=engine_config(cfg), dist_init_required=False)
+                                                          config=engine_config(cfg, model_width(model)),
+                                                          dist_init_required=False)
     return engine, engine_optimizer
+
+
+def model_width(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "hidden_size", None)
 
 
 def backward(engine, loss: torch.Tensor, last: bool) -> None:

@@ -244,10 +244,14 @@ class LoadSampler(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                self.samples.append((time.time(), busy_cpu_s(), process_cpu_s(self.pid)))
+                self.samples.append((time.time(), busy_cpu_s(), self.own_cpu_s()))
             except (OSError, IndexError):
                 return  # the process has exited
             self.done.wait(self.period_s)
+
+    def own_cpu_s(self) -> float:
+        """CPU-seconds the measured run has used so far."""
+        return process_cpu_s(self.pid)
 
     def other_load(self, a: float, b: float) -> float:
         before = [s for s in self.samples if s[0] <= a] or self.samples[:1]
