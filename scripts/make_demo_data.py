@@ -129,6 +129,23 @@ def prompt_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+def prm_rows(rng: random.Random) -> list[dict]:
+    """Step-labelled arithmetic for process reward models (task=prm): a + b * c in two steps.
+    About half the solutions go wrong at one step (a product or a sum off by 1-3), and every
+    step from the first wrong one on is labelled false, as Math-Shepherd labels them."""
+    rows = []
+    for _ in range(160):
+        a, b, c = rng.randint(1, 20), rng.randint(2, 9), rng.randint(2, 9)
+        product = b * c
+        wrong_at = rng.choice([None, None, 0, 1])
+        said_product = product + rng.choice([-3, -2, -1, 1, 2, 3]) if wrong_at == 0 else product
+        said_sum = a + said_product + (rng.choice([-2, -1, 1, 2]) if wrong_at == 1 else 0)
+        steps = [f"{b} * {c} = {said_product}.", f"{a} + {said_product} = {said_sum}."]
+        labels = [wrong_at != 0, wrong_at is None]
+        rows.append({"prompt": f"Compute {a} + {b} * {c} step by step.\n", "completions": steps, "labels": labels})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict], max_row_bytes: int = MAX_ROW_BYTES) -> None:
     lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
     too_long = [line for line in lines if len(line.encode()) > max_row_bytes]
@@ -143,6 +160,7 @@ def main() -> None:
     write_jsonl(OUT_DIR / "pretrain.jsonl", pretrain_rows(random.Random(1)))
     write_jsonl(OUT_DIR / "preference.jsonl", preference_rows(random.Random(2)), max_row_bytes=320)
     write_jsonl(OUT_DIR / "grpo.jsonl", prompt_rows(random.Random(3)))
+    write_jsonl(OUT_DIR / "prm.jsonl", prm_rows(random.Random(4)))
 
 
 if __name__ == "__main__":

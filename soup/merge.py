@@ -26,8 +26,13 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
 
     A soup run that trained with model.trust_remote_code=true merges with it too."""
     from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
 
+    from soup.models.load import HEADS
+
+    # The adapter's own record of the head it trained (a reward model's score, ...).
+    task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    head = {"SEQ_CLS": "sequence_score", "TOKEN_CLS": "token_classes"}.get(task_type, "causal_lm")
+    head_class, head_config = HEADS[head]
     run_config = adapter_dir.parent / ".hydra" / "config.yaml"
     run_cfg = OmegaConf.load(run_config) if run_config.exists() else None
     trust_remote_code = trust_remote_code or bool(run_cfg is not None and run_cfg.model.get("trust_remote_code"))
@@ -41,8 +46,8 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
     if base:
         source = _checked_base(base, origin)
         try:
-            return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                        trust_remote_code=trust_remote_code)
+            return head_class.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                              **head_config)
         except OSError as exc:  # a hub id that is neither cached nor reachable
             raise SoupError(f"the base model {base} (from {origin}) could not be loaded: {exc}\n"
                             "  fix: pass --base <the base model's folder>.") from exc
@@ -51,7 +56,7 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
                         "  fix: pass --base <base model directory>.")
     from soup.models.load import build_model, build_tokenizer
 
-    return build_model(run_cfg.model, build_tokenizer(run_cfg.model), run_cfg.seed)
+    return build_model(run_cfg.model, build_tokenizer(run_cfg.model), run_cfg.seed, head)
 
 
 def _checked_base(base: str, origin: str) -> str:

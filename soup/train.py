@@ -46,7 +46,7 @@ from soup.models.adapters import save_final_adapter, save_initial_adapter
 from soup.models.files import model_source
 from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
-from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
+from soup.models.load import HEADS, apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
 from soup.precision import describe_precision, resolve_precision
 from soup.run_dir import finished_record, objective_of, prepare_fresh_run_dir
 from soup.tasks import build_task
@@ -147,17 +147,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     if cfg.quant.name in BNB_QUANTS:
         # Quantised weights are placed on the device as they load; adapters train on top.
         if cfg.model.name == "hf":
+            head_class, head_config = HEADS[task.model_head]
             model = load_quantized(model_source(cfg.model.path, needs_tokenizer=False), cfg.quant, device,
-                                   **load_kwargs(cfg.model))
+                                   model_class=head_class, **head_config, **load_kwargs(cfg.model))
         else:
-            model = quantize_built_model(build_model(cfg.model, tokenizer, cfg.seed), cfg.quant, device,
-                                         **load_kwargs(cfg.model))
+            model = quantize_built_model(build_model(cfg.model, tokenizer, cfg.seed, task.model_head), cfg.quant,
+                                         device, **load_kwargs(cfg.model))
         model = apply_peft(prepare_for_adapters(model), cfg.peft, cfg.seed)
         print(f"[soup] quant: {cfg.quant.name} bitsandbytes weights"
               + (f" ({cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, compute "
                  f"{cfg.quant.compute_dtype})" if cfg.quant.name == "4bit" else ""))
     else:
-        model = build_model(cfg.model, tokenizer, cfg.seed)
+        model = build_model(cfg.model, tokenizer, cfg.seed, task.model_head)
         model = apply_peft(model, cfg.peft, cfg.seed).to(device)
     if cfg.peft.name != "none" and world.is_main:
         save_initial_adapter(model, cfg.peft.name, run_dir / "initial_adapter")
@@ -206,7 +207,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     model = unwrap(model)
     if is_sharded(model) or is_engine(trained):  # final/ is one plain model: the full weights, gathered on rank 0
         full = zero_full_state_dict(trained) if is_engine(trained) else full_state_dict(model)
-        model = plain_model(cfg, tokenizer, full) if world.is_main else None
+        model = plain_model(cfg, tokenizer, full, task.model_head) if world.is_main else None
     if is_engine(trained):
         trained.destroy()
     if not world.is_main:
@@ -226,7 +227,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
                 model.save_pretrained(final_dir)
             else:
                 save_final_adapter(model, cfg.peft.name, final_dir, run_dir / "initial_adapter",
-                                   lambda: build_model(cfg.model, tokenizer, cfg.seed))
+                                   lambda: build_model(cfg.model, tokenizer, cfg.seed, task.model_head))
             tokenizer.save_pretrained(final_dir)
         print(f"[soup] saved final model to {run_dir / 'final'}")
     stats = {
@@ -258,9 +259,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss
 
 
-def plain_model(cfg: DictConfig, tokenizer, state: dict) -> torch.nn.Module:
+def plain_model(cfg: DictConfig, tokenizer, state: dict, head: str) -> torch.nn.Module:
     """A one-process copy of the trained model (its adapters included) holding `state`."""
-    model = apply_peft(build_model(cfg.model, tokenizer, cfg.seed), cfg.peft, cfg.seed)
+    model = apply_peft(build_model(cfg.model, tokenizer, cfg.seed, head), cfg.peft, cfg.seed)
     if cfg.quant.name in ("4bit", "8bit"):
         # The base's packed 4-bit codes do not fit the plain base, and final/ holds the adapter
         # alone: load the trained tensors only, onto the base the run quantised.

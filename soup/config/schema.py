@@ -72,6 +72,28 @@ class PreferenceTaskConfig(TaskConfig):
 
 
 @dataclass
+class RewardModelTaskConfig(TaskConfig):
+    """task=reward_model: a score head on the decoder trained with the Bradley-Terry loss on
+    {prompt, chosen, rejected} rows (soup/tasks/reward_model.py); a row's `margin` column asks
+    the chosen reward to lead by that much (Llama 2)."""
+
+    # eta of eta * (r_chosen + r_rejected)^2 per pair (Eisenstein et al. 2023): keeps rewards
+    # centred on zero; null leaves it out. Small values (0.01) only anchor the offset.
+    center_rewards_coefficient: Optional[float] = None
+
+
+@dataclass
+class PRMTaskConfig(TaskConfig):
+    """task=prm: a process reward model, a two-class token classifier that scores each
+    reasoning step of {prompt, completions, labels} rows (soup/tasks/prm.py)."""
+
+    # Text after every step; the step's label sits on its last token.
+    step_separator: str = "\n"
+    # Label only each row's last step (an outcome label on the final answer).
+    train_on_last_step_only: bool = False
+
+
+@dataclass
 class GRPOTaskConfig(TaskConfig):
     """Online RL (task=grpo): sample num_generations completions per prompt from the policy,
     score them with `reward`, and optimise a GRPO-family objective (soup/losses/grpo.py,
@@ -465,3 +487,5 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=schema)
     cs.store(group="task", name="preference_schema", node=PreferenceTaskConfig)
     cs.store(group="task", name="grpo_schema", node=GRPOTaskConfig)
+    cs.store(group="task", name="reward_model_schema", node=RewardModelTaskConfig)
+    cs.store(group="task", name="prm_schema", node=PRMTaskConfig)

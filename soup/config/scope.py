@@ -156,7 +156,7 @@ RESUMED_RUN = Scope(lambda cfg: cfg.resume is not None, "resume=auto or resume=<
 
 def _build_scopes() -> dict[str, Scope]:
     token_task = choice("task.name", *TOKEN_TASKS)
-    preference = choice("task.name", *PREFERENCE_TASKS)
+    preference = choice("task.name", *PREFERENCE_TASKS, "reward_model")  # tasks that read preference pairs
     scopes = {
         "overwrite": FRESH_RUN,
         "allow_resume_changes": RESUMED_RUN,
@@ -168,7 +168,7 @@ def _build_scopes() -> dict[str, Scope]:
         # data
         "data.train_file": choice("data.name", "file"),
         "data.format": token_task,  # preference rows are recognised by their fields
-        "data.chat_template": choice("task.name", "sft", "grpo", *PREFERENCE_TASKS),
+        "data.chat_template": choice("task.name", "sft", "grpo", "reward_model", *PREFERENCE_TASKS),
         "data.train_on_responses_only": choice("task.name", "sft"),
         "data.text_field": choice("task.name", "pretrain"),
         "data.packing": token_task,

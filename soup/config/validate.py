@@ -17,7 +17,7 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "reward_model", "prm")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")

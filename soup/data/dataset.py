@@ -30,7 +30,7 @@ from soup.errors import ConfigError, DataError
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PKG_PREFIX = "pkg://"
 DEMO_FILES = {"sft": "pkg://demo/sft.jsonl", "pretrain": "pkg://demo/pretrain.jsonl",
-              "preference": "pkg://demo/preference.jsonl", "grpo": "pkg://demo/grpo.jsonl"}
+              "preference": "pkg://demo/preference.jsonl", "grpo": "pkg://demo/grpo.jsonl", "prm": "pkg://demo/prm.jsonl"}
 TASK_FORMATS = {"sft": CHAT_FORMATS, "pretrain": ("plaintext",)}
 OVERLONG_POLICIES = ("truncate", "drop", "truncate_or_drop")
 

@@ -19,6 +19,7 @@ data.overlong=truncate_or_drop drops only a row whose completion leaves no room 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -69,7 +70,8 @@ class PreferenceSplits:
     files: list[str] = field(default_factory=list)
 
 
-def build_preference_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, shape: str, seed: int) -> PreferenceSplits:
+def build_preference_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, shape: str, seed: int,
+                              margin: bool = False) -> PreferenceSplits:
     """Read and tokenize preference rows. shape: "paired" (prompt/chosen/rejected) or
     "unpaired" (prompt/completion/label; paired rows are also accepted and split into
     one desirable and one undesirable row).
@@ -77,6 +79,8 @@ def build_preference_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase,
     Paired examples: {"prompt_ids", "chosen_ids", "rejected_ids"}; unpaired:
     {"prompt_ids", "completion_ids", "desirable", "kl_completion_ids"} where the last is
     another row's completion, the mismatched pair KTO's KL baseline is estimated from.
+    margin: paired examples keep each row's `margin` (a number; a reward model's target
+    margin, Llama 2), which every row of a file then has or none has.
     """
     train_value = data_cfg.train_file or DEMO_FILES.get("preference")
     if train_value is None:
@@ -96,7 +100,7 @@ def build_preference_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase,
 
     uses_messages = any(_is_messages(row.record.get("prompt")) for row in train_rows[:50])
     template = resolve_template(data_cfg.chat_template, tokenizer.chat_template) if uses_messages else None
-    encoder = _Encoder(tokenizer, template, data_cfg)
+    encoder = _Encoder(tokenizer, template, data_cfg, margin)
     train, report = encoder.build(train_rows, shape, "train", str(train_value), seed)
     if data_cfg.chat_template is not None and not uses_messages:
         # A template renders message lists; plain-string prompts are used as they are.
@@ -143,8 +147,9 @@ def _is_messages(value: Any) -> bool:
 
 
 class _Encoder:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Optional[str], data_cfg: Any):
-        self.tokenizer, self.template, self.cfg = tokenizer, template, data_cfg
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Optional[str], data_cfg: Any,
+                 margin: bool = False):
+        self.tokenizer, self.template, self.cfg, self.margin = tokenizer, template, data_cfg, margin
         self.max_prompt = data_cfg.max_prompt_length or data_cfg.max_length
         # The prompt's guaranteed share when the completion has no cap of its own.
         self.prompt_floor = min(self.max_prompt, data_cfg.max_length // 2)
@@ -152,6 +157,7 @@ class _Encoder:
     def build(self, rows: list[Row], shape: str, split: str, source: str, seed: int):
         report = PreferenceReport(split=split, source=source, shape=shape, rows_read=len(rows))
         examples: list[dict] = []
+        first_has_margin = None
         for row in rows:
             record = row.record
             if "chosen" in record or "rejected" in record:
@@ -163,7 +169,11 @@ class _Encoder:
                 if prompt_ids is None:
                     continue
                 if shape == "paired":
-                    examples.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+                    example = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+                    if self.margin:
+                        first_has_margin = "margin" in record if first_has_margin is None else first_has_margin
+                        example.update(self._margin(row, first_has_margin))
+                    examples.append(example)
                 else:
                     examples.append({"prompt_ids": prompt_ids, "completion_ids": chosen_ids, "desirable": True})
                     examples.append({"prompt_ids": prompt_ids, "completion_ids": rejected_ids, "desirable": False})
@@ -204,6 +214,20 @@ class _Encoder:
             return value
         raise row_error(row, f"'{key}' is a {type(value).__name__}; it must be a string or a list of messages",
                         fix=f"write {key} as a string or as [{{\"role\": ..., \"content\": ...}}].")
+
+    def _margin(self, row: Row, expected: bool) -> dict:
+        """{"margin": the row's number}, or {} for a row without one; every row alike."""
+        if ("margin" in row.record) != expected:
+            raise row_error(row, "this row " + ("lacks" if expected else "has") + " a 'margin', unlike the file's "
+                            "first row: a margin is the chosen reward's target lead, for every pair or for none",
+                            fix="give every row a margin (0 for no lead), or remove the column.")
+        if not expected:
+            return {}
+        value = row.record["margin"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise row_error(row, f"margin is {value!r}, not a finite number",
+                            fix='write "margin": 1.5 (how far the chosen reward should lead).')
+        return {"margin": float(value)}
 
     def _label(self, row: Row) -> bool:
         # Not through _field: a label is a JSON bool, never text or messages.

@@ -60,6 +60,17 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
                    for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
+def peft_task_type(model: torch.nn.Module | None) -> str:
+    """peft's name for the model's head: with a score head (a reward model, a PRM) peft
+    trains the new head fully beside the adapters (modules_to_save) and saves it with them."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return "CAUSAL_LM"
+
+
 def peft_config(peft_cfg: DictConfig, unfrozen_layers: list[int] | None, model: torch.nn.Module | None = None):
     import peft
 
@@ -70,7 +81,8 @@ def peft_config(peft_cfg: DictConfig, unfrozen_layers: list[int] | None, model: 
             raise ConfigError("peft.freeze_layers/freeze_ratio with a regex peft.target_modules: peft cannot "
                               "restrict a regex to layers.\n  fix: give target_modules as a list, e.g. [q_proj, v_proj].")
         targets = linear_module_names(model)
-    common = dict(r=peft_cfg.r, target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=unfrozen_layers)
+    common = dict(r=peft_cfg.r, target_modules=targets, task_type=peft_task_type(model),
+                  layers_to_transform=unfrozen_layers)
     if peft_cfg.name == "vera":
         return peft.VeraConfig(**common, vera_dropout=peft_cfg.dropout, d_initial=peft_cfg.vera_d_initial)
     init = {"olora": "olora", "pissa": "pissa", "loftq": "loftq"}.get(peft_cfg.name, peft_cfg.init)

@@ -3,13 +3,19 @@
 model=tiny: a randomly initialised Llama (shape from model.tiny) and the built-in
 byte tokenizer, seeded so the same config gives the same weights.
 model=hf: AutoModelForCausalLM.from_pretrained(model.path).
+
+The head on the decoder follows the task (HEADS): next-token logits for the language-model
+tasks, one score per sequence for a reward model, two classes per token for a process
+reward model. A new head starts from the seeded init; a directory that already holds that
+head (a trained reward model) loads it.
 """
 
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                          LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from soup.errors import ConfigError
 from soup.models.adapters import apply_peft  # noqa: F401  (re-exported: the model build's last step)
@@ -17,6 +23,12 @@ from soup.models.files import model_source
 from soup.models.tokenizer import build_byte_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# head -> (the transformers auto class, what its config adds)
+HEADS = {
+    "causal_lm": (AutoModelForCausalLM, {}),
+    "sequence_score": (AutoModelForSequenceClassification, {"num_labels": 1}),
+    "token_classes": (AutoModelForTokenClassification, {"num_labels": 2}),
+}
 
 
 def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
@@ -39,7 +51,9 @@ def load_kwargs(model_cfg: DictConfig) -> dict:
     return kwargs
 
 
-def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                head: str = "causal_lm") -> PreTrainedModel:
+    auto_class, head_config = HEADS[head]
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.name == "tiny":
         arch = model_cfg.tiny
@@ -56,23 +70,29 @@ def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed:
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **head_config,
         )
         # The init draws from the global generator: fork it so building a model does
         # not shift the random stream the rest of the run sees.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(
-                config, attn_implementation=model_cfg.attn_implementation, dtype=dtype
-            )
+            model = auto_class.from_config(config, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
         return model
     try:
-        return AutoModelForCausalLM.from_pretrained(model_source(model_cfg.path, needs_tokenizer=False),
-                                                    **load_kwargs(model_cfg))
+        # The new head's init draws from the global generator: seeded, and the stream forked.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = auto_class.from_pretrained(model_source(model_cfg.path, needs_tokenizer=False),
+                                               **head_config, **load_kwargs(model_cfg))
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"model.path={model_cfg.path!r}: could not load a causal LM: {exc}\n"
-            "  fix: point model.path at a transformers model directory (config.json + weights)."
+            f"model.path={model_cfg.path!r}: could not load a {auto_class.__name__.removeprefix('AutoModelFor')} "
+            f"model: {exc}\n  fix: point model.path at a transformers model directory (config.json + weights)."
         ) from exc
+    if head != "causal_lm" and model.config.pad_token_id is None:
+        # The score sits on the last token that is not padding: the model must know the padding.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -36,11 +36,13 @@ def bnb_config(quant_cfg: DictConfig):
     )
 
 
-def load_quantized(path: str | Path, quant_cfg: DictConfig, device: torch.device, **kwargs):
+def load_quantized(path: str | Path, quant_cfg: DictConfig, device: torch.device, model_class=None, **kwargs):
+    """model_class: what loads it (AutoModelForCausalLM unless the task's head is another)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant_cfg),
-                                                 device_map={"": str(device)}, **kwargs)
+    model_class = model_class or AutoModelForCausalLM
+    model = model_class.from_pretrained(path, quantization_config=bnb_config(quant_cfg),
+                                        device_map={"": str(device)}, **kwargs)
     if quant_cfg.name == "4bit" and device.type == "cpu":
         _check_cpu_blocks(model)
     return model
@@ -75,7 +77,7 @@ def quantize_built_model(model, quant_cfg: DictConfig, device: torch.device, **k
         if world.is_main:
             model.save_pretrained(scratch)
         barrier()
-        return load_quantized(scratch, quant_cfg, device, **kwargs)
+        return load_quantized(scratch, quant_cfg, device, model_class=type(model), **kwargs)
     finally:
         barrier()
         if world.is_main:

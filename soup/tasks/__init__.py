@@ -9,10 +9,13 @@ from soup.tasks.base import Task, TaskOutput
 from soup.tasks.grpo import GRPOTask
 from soup.tasks.preference import PreferenceTask
 from soup.tasks.pretrain import PretrainTask
+from soup.tasks.prm import PRMTask
+from soup.tasks.reward_model import RewardModelTask
 from soup.tasks.sft import SFTTask
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask, "grpo": GRPOTask,
+                                "reward_model": RewardModelTask, "prm": PRMTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 
@@ -26,4 +29,5 @@ def build_task(cfg, tokenizer) -> Task:
     return task_class(cfg.task)
 
 
-__all__ = ["PREFERENCE_TASKS", "TASKS", "GRPOTask", "PreferenceTask", "SFTTask", "Task", "TaskOutput", "build_task"]
+__all__ = ["PREFERENCE_TASKS", "TASKS", "GRPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
+           "build_task"]

@@ -56,6 +56,9 @@ class Task(ABC):
     loss over every micro-batch of an optimizer step exactly."""
 
     unit_name = "tokens"
+    # The head on the decoder (soup/models/load.py HEADS): next-token logits unless the task
+    # trains a score (a reward model) or token classes (a process reward model).
+    model_head = "causal_lm"
     # Optimizer steps per sampler draw (grpo: num_iterations steps train on one generation batch).
     steps_per_draw = 1
     # Whether a step may hold no loss unit (grpo with skip_zero_advantage): it then updates nothing.

@@ -28,7 +28,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
-from soup.config.schema import GROUP_SCHEMAS, GRPOTaskConfig, PreferenceTaskConfig, SoupConfig, TrainConfig
+from soup.config.schema import (GROUP_SCHEMAS, GRPOTaskConfig, PreferenceTaskConfig, PRMTaskConfig,
+                                RewardModelTaskConfig, SoupConfig, TrainConfig)
 from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
 from soup.errors import ConfigError, SoupError
 
@@ -58,6 +59,9 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.preference_loss_weights": (["task=preference", "task.preference_loss=sigmoid"],
                                      ["task.preference_loss=null", "task.preference_loss_weights={sigmoid:0.5,hinge:0.5}"]),
     "task.beta": (["task=dpo"], ["task.beta=0.5"]),
+    "task.center_rewards_coefficient": (["task=reward_model"], ["task.center_rewards_coefficient=0.5"]),
+    "task.step_separator": (["task=prm"], ["task.step_separator=' ;'"]),
+    "task.train_on_last_step_only": (["task=prm"], ["task.train_on_last_step_only=true"]),
     "task.beta_schedule": (["task=dpo"], ["task.beta_schedule=linear", "task.beta_end=2.0"]),
     "task.beta_end": (["task=dpo", "task.beta_schedule=linear", "task.beta_end=2.0"], ["task.beta_end=0.01"]),
     "task.label_smoothing": (["task=dpo"], ["task.label_smoothing=0.3"]),
@@ -253,6 +257,8 @@ def all_fields() -> dict[str, object]:
         fields.update(leaf_fields(schema, f"{group}."))
     fields.update(leaf_fields(PreferenceTaskConfig, "task."))
     fields.update({path: default for path, default in leaf_fields(GRPOTaskConfig, "task.").items() if path not in fields})
+    fields.update(leaf_fields(RewardModelTaskConfig, "task."))
+    fields.update(leaf_fields(PRMTaskConfig, "task."))
     fields.update(leaf_fields(TrainConfig, "train."))
     return fields
 
