@@ -298,6 +298,7 @@ def test_every_rank_takes_rank_0s_auto_pick(tmp_path):
 
     with mp.Manager() as manager:
         picks = manager.dict()
-        mp.spawn(_auto_on_rank, args=(str(tmp_path / "rendezvous"), picks), nprocs=2)
+        # fork: the ranks start in a moment instead of importing the test module again
+        mp.start_processes(_auto_on_rank, args=(str(tmp_path / "rendezvous"), picks), nprocs=2, start_method="fork")
         assert picks[0] == picks[1] == "kernels: auto picked none (stock modules); " + \
             "forward ms (median of 5, 1x1 tokens, no grad): none=1.00, compile=1.00"
