@@ -9,7 +9,7 @@ involve more than one group live in soup/config/validate.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -95,7 +95,8 @@ class PRMTaskConfig(TaskConfig):
 
 @dataclass
 class GRPOTaskConfig(TaskConfig):
-    """Online RL (task=grpo): sample num_generations completions per prompt from the policy,
+    """Online RL (task=grpo, and task=rloo, REINFORCE leave-one-out, which shares it): sample
+    num_generations completions per prompt from the policy,
     score them with `reward`, and optimise a GRPO-family objective (soup/losses/grpo.py,
     soup/tasks/grpo.py). Names follow TRL's GRPOConfig."""
 
@@ -147,6 +148,9 @@ class GRPOTaskConfig(TaskConfig):
     # Every ref_sync_steps steps the reference copy moves: ref <- alpha x policy + (1 - alpha) x ref.
     ref_sync_steps: int = 0
     ref_model_ema_alpha: float = 1.0
+    # task=rloo: the KL to the reference enters each completion's reward (reward - beta x the
+    # completion's summed log pi - log pi_ref, as the RLOO paper) instead of the loss (k3 x beta).
+    kl_in_reward: bool = True
     # The format reward's regex: <think>...</think> then an answer.
     format_pattern: str = r"^\s*<think>.*?</think>\s*\S.*$"
     # The row column the accuracy and math rewards compare with.

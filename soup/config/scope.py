@@ -99,7 +99,7 @@ def loss_param(field_name: str) -> Scope:
     from soup.losses.registry import LOSSES
 
     def applies(cfg: DictConfig) -> bool:
-        if cfg.task.name == "grpo":  # its schema holds only what it reads (beta among these)
+        if cfg.task.name in ("grpo", "rloo"):  # its schema holds only what it reads (beta among these)
             return True
         specs = preference_losses(cfg)
         return specs is None or any(field_name in spec.params for spec in specs)
@@ -129,7 +129,8 @@ VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_
 def ratio_moves(clip_only: bool) -> Scope:
     """grpo's clip settings: read when the importance ratio can leave 1 (a batch trained on again,
     or replayed) and the loss_type has a ratio (clip_only: the clipped ones, not cispo)."""
-    kinds = ("grpo", "bnpo", "dr_grpo", "dapo") if clip_only else ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+    clipped = ("grpo", "bnpo", "dr_grpo", "dapo", "rloo")
+    kinds = clipped if clip_only else (*clipped, "cispo")
 
     def applies(c: DictConfig) -> bool:
         return c.task.loss_type in kinds and (c.task.num_iterations > 1 or c.task.replay_buffer_size > 0)
@@ -168,7 +169,7 @@ def _build_scopes() -> dict[str, Scope]:
         # data
         "data.train_file": choice("data.name", "file"),
         "data.format": token_task,  # preference rows are recognised by their fields
-        "data.chat_template": choice("task.name", "sft", "grpo", "reward_model", *PREFERENCE_TASKS),
+        "data.chat_template": choice("task.name", "sft", "grpo", "rloo", "reward_model", *PREFERENCE_TASKS),
         "data.train_on_responses_only": choice("task.name", "sft"),
         "data.text_field": choice("task.name", "pretrain"),
         "data.packing": token_task,
@@ -208,7 +209,12 @@ def _build_scopes() -> dict[str, Scope]:
         # task (preference)
         "task.preference_loss": choice("task.name", "preference"),
         "task.preference_loss_weights": choice("task.name", "preference"),
-        "task.loss_type": choice("task.name", "dpo", "grpo"),
+        "task.loss_type": choice("task.name", "dpo", "grpo", "rloo"),
+        # task=rloo's baseline is the other completions' mean; grpo's is the group's, scaled by this
+        "task.scale_rewards": choice("task.name", "grpo"),
+        "task.kl_in_reward": Scope(lambda c: c.task.name == "rloo" and c.task.beta > 0,
+                                   "task=rloo with task.beta > 0",
+                                   lambda c: f"task={c.task.name}" if c.task.name != "rloo" else "task.beta=0"),
         # task=grpo
         "task.epsilon": ratio_moves(clip_only=True),
         "task.delta": ratio_moves(clip_only=True),

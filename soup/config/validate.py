@@ -17,7 +17,7 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "reward_model", "prm")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "reward_model", "prm")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -101,7 +101,7 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
     problems.extend(unread_fields(cfg, overrides))
     if cfg.task.name in PREFERENCE_TASKS:
         _check_preference(cfg, need)
-    if cfg.task.name == "grpo":
+    if cfg.task.name in ("grpo", "rloo"):
         _check_grpo(cfg, need)
     if cfg.parallelism.name != "single":
         _check_ranks(cfg, need)
@@ -357,7 +357,7 @@ def _check_grpo(cfg: DictConfig, need) -> None:
     from soup.tasks.grpo import LOSS_TYPE_PARTS
 
     task = cfg.task
-    one = "task=grpo"
+    one = f"task={task.name}"
     need(task.loss_type in LOSS_TYPE_PARTS,
          f"{one}: task.loss_type={task.loss_type!r}; valid: {', '.join(LOSS_TYPE_PARTS)}.")
     need(task.num_iterations >= 1, f"{one}: task.num_iterations must be at least 1 (optimizer steps per "

@@ -46,6 +46,8 @@ Three steps, each a function here, each pinned by tests against hand-computed va
      bnpo     token mean of each micro-batch, averaged              units: 1 per micro-batch
      dr_grpo  token sum / (max_completion_length x sequences)       units: sequences
      dapo     token sum / tokens of the whole generation batch      units: tokens
+     sequence mean over sequences of each sequence's token SUM      units: sequences
+              (REINFORCE on log pi(y|x) = sum_t log pi(y_t|...), as RLOO, arXiv 2402.14740)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sequence")
 SCALES = ("group", "batch", "none")
 OBJECTIVES = ("clip", "cispo", "rft")
 IS_LEVELS = ("token", "sequence")
@@ -191,7 +193,7 @@ class Reduction:
 
 def loss_units(mask: torch.Tensor, loss_type: str) -> float:
     """How many units a micro-batch with this completion mask counts for (before any forward)."""
-    if loss_type in ("grpo", "dr_grpo"):
+    if loss_type in ("grpo", "dr_grpo", "sequence"):
         return float(mask.shape[0])
     if loss_type == "bnpo":
         return 1.0

@@ -15,7 +15,7 @@ from soup.tasks.sft import SFTTask
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask, "grpo": GRPOTask,
-                                "reward_model": RewardModelTask, "prm": PRMTask,
+                                "rloo": GRPOTask, "reward_model": RewardModelTask, "prm": PRMTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 

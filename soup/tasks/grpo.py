@@ -39,6 +39,7 @@ import torch
 from soup.distributed import any_rank, current_world, forward_is_collective, gathered_parameters
 from soup.losses.grpo import (group_advantages, loss_units, policy_loss, reduce_loss, rft_keep,
                               zero_std_groups)
+from soup.losses.ppo import rloo_advantages
 from soup.rewards import score
 from soup.rollout.engine import SamplingParams, sample
 from soup.tasks.base import Task, TaskData, TaskOutput
@@ -48,7 +49,8 @@ from soup.tasks.prompts import build_prompt_data, stop_token_ids
 
 # loss_type -> (objective, reduction): cispo and rft are objectives that reduce as dapo does.
 LOSS_TYPE_PARTS = {"grpo": ("clip", "grpo"), "bnpo": ("clip", "bnpo"), "dr_grpo": ("clip", "dr_grpo"),
-                   "dapo": ("clip", "dapo"), "cispo": ("cispo", "dapo"), "rft": ("rft", "dapo")}
+                   "dapo": ("clip", "dapo"), "cispo": ("cispo", "dapo"), "rft": ("rft", "dapo"),
+                   "rloo": ("clip", "sequence")}
 
 
 @dataclass
@@ -72,6 +74,16 @@ class GRPOSettings:
     ref_model_ema_alpha: float = 1.0
     micro_batch_size: int = 8
     seed: int = 0
+    # group: GRPO's group-normalised advantages; rloo: REINFORCE leave-one-out (task=rloo)
+    advantage: str = "group"
+    # rloo: the KL to the reference goes into each completion's reward (beta x its summed
+    # k1 estimate) instead of into the loss
+    kl_in_reward: bool = False
+
+    @property
+    def loss_beta(self) -> float:
+        """The KL coefficient of the loss: none when the KL is in the reward."""
+        return 0.0 if self.kl_in_reward else self.beta
 
     @property
     def objective(self) -> str:
@@ -123,7 +135,8 @@ class GRPOTask(Task):
             skip_zero_advantage=t.skip_zero_advantage, off_policy_mask_threshold=t.off_policy_mask_threshold,
             replay_buffer_size=t.replay_buffer_size, ref_sync_steps=t.ref_sync_steps,
             ref_model_ema_alpha=t.ref_model_ema_alpha, seed=cfg.seed,
-            micro_batch_size=cfg.train.micro_batch_size * t.num_generations)
+            micro_batch_size=cfg.train.micro_batch_size * t.num_generations,
+            advantage="rloo" if t.name == "rloo" else "group", kl_in_reward=t.name == "rloo" and t.kl_in_reward)
         names = [str(name) for name in t.reward]
         weights = list(t.reward_weights) if t.reward_weights is not None else [1.0] * len(names)
         rewards = [(get_reward(name, **reward_params(name, t)), float(w)) for name, w in zip(names, weights)]
@@ -133,9 +146,11 @@ class GRPOTask(Task):
         data = build_prompt_data(cfg, tokenizer, self.rewards)
         s = self.settings
         names = ", ".join(f"{spec.name} x {weight:g}" for spec, weight in self.rewards)
-        data.lines.append(f"grpo: {s.num_generations} completions per prompt of <= "
+        kind = "rloo (leave-one-out baseline)" if s.advantage == "rloo" else "grpo"
+        kl = f"beta {s.beta:g}" + (" (KL in the reward)" if s.kl_in_reward and s.beta else "")
+        data.lines.append(f"{kind}: {s.num_generations} completions per prompt of <= "
                           f"{s.sampling.max_completion_length} tokens, rewards {names}, loss {s.loss_type}, "
-                          f"beta {s.beta:g}, {s.num_iterations} optimizer step(s) per generation batch")
+                          f"{kl}, {s.num_iterations} optimizer step(s) per generation batch")
         return data
 
     # ------------------------------------------------------------------ the loop's hooks
@@ -234,8 +249,12 @@ class GRPOTask(Task):
         scores = score(self.rewards, texts, self._reward_columns(rows))
         scoring_s = time.perf_counter() - started - rollout_s
         rewards = torch.tensor(scores.total, dtype=torch.float32)
-        advantages = group_advantages(rewards, group, s.scale_rewards)
-        metrics = rollout_metrics(rollout, rewards, advantages, group, scores, rollout_s, scoring_s)
+        if s.advantage == "rloo":
+            shaped, kl_metrics = self._rewards_with_kl(model, rollout, rewards)
+            advantages = rloo_advantages(shaped, group)
+        else:
+            advantages, kl_metrics = group_advantages(rewards, group, s.scale_rewards), {}
+        metrics = {**rollout_metrics(rollout, rewards, advantages, group, scores, rollout_s, scoring_s), **kl_metrics}
 
         completion_mask = rollout.completion_mask
         if s.mask_truncated_completions:
@@ -261,10 +280,29 @@ class GRPOTask(Task):
         else:
             for batch in batches:
                 batch.pop("replayed"), batch.pop("old_logps")
-        if s.beta:
+        if s.loss_beta:
             for batch in batches:
                 batch["ref_logps"] = self._reference_logps(model, batch)
         return Experience(batches, metrics, texts)
+
+    def _rewards_with_kl(self, model, rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """RLOO's rewards: with the KL in the reward, each completion's score minus beta x its
+        summed per-token k1 estimate log pi - log pi_ref (the sampler's log-probs, the policy's
+        at generation; arXiv 2402.14740). Otherwise the scores as they are."""
+        s = self.settings
+        if not (s.kl_in_reward and s.beta):
+            return rewards, {}
+        rows = split_groups({"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                             "completion_ids": rollout.completion_ids, "completion_mask": rollout.completion_mask,
+                             "sampler_logps": rollout.sampler_logps,
+                             "advantages": torch.zeros(rewards.shape[0], device=rollout.prompt_ids.device)},
+                            s.num_generations, pad_id=self.tokenizer.pad_token_id)
+        kl = []
+        for batch in micro_batches(stack_groups(rows, self.tokenizer.pad_token_id), s.micro_batch_size):
+            mask = batch["completion_mask"].to(torch.float32)
+            kl.append(((batch["sampler_logps"] - self._reference_logps(model, batch)) * mask).sum(-1))
+        kl = torch.cat(kl).float().cpu()
+        return rewards - s.beta * kl, {"kl": float(kl.mean()), "non_score_reward": float(-s.beta * kl.mean())}
 
     def _sample_groups(self, model: torch.nn.Module, rows: list[dict], generator: torch.Generator):
         """num_generations completions of each row's prompt, grouped contiguously."""
@@ -355,7 +393,7 @@ class GRPOTask(Task):
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         out = policy_loss(logps, old, batch["advantages"], mask, objective=s.objective,
                           epsilon=s.epsilon, epsilon_high=s.epsilon_high, delta=s.delta,
-                          importance_sampling_level=s.importance_sampling_level, beta=s.beta,
+                          importance_sampling_level=s.importance_sampling_level, beta=s.loss_beta,
                           ref_logps=batch.get("ref_logps"), sampler_logps=batch["sampler_logps"],
                           tis_threshold=s.tis_threshold, off_policy_mask_threshold=s.off_policy_mask_threshold)
         reduced = reduce_loss(out.per_token, mask, s.reduction, s.sampling.max_completion_length)

@@ -50,6 +50,18 @@ def test_grpo_through_the_cli_raises_the_mean_reward(files, tmp_path, variant):
         assert any(k.startswith(key) for k in row), key
 
 
+def test_rloo_through_the_cli_raises_the_mean_reward(files, tmp_path):
+    """task=rloo: the same rollouts and reward, a leave-one-out baseline, the KL in the reward."""
+    rloo = ["task=rloo" if o == "task=grpo" else o for o in overrides(files, "optim.lr=1e-3")]
+    out = run_cli(*rloo, f"hydra.run.dir={tmp_path / 'run'}")
+    assert "rloo (leave-one-out baseline)" in out.stdout and "(KL in the reward)" in out.stdout
+    history = rewards(tmp_path / "run")
+    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert last > 2 * first and last > first + 2.0, history
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "non_score_reward" in row and "kl" in row
+
+
 def train(run_dir: Path, *extra: str, files: Path):
     return run_in_process(run_dir, overrides(files, "optim.lr=1e-3", "train.save_every_steps=4",
                                              "train.keep_last_checkpoints=5", *extra))

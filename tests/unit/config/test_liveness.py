@@ -59,6 +59,7 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.preference_loss_weights": (["task=preference", "task.preference_loss=sigmoid"],
                                      ["task.preference_loss=null", "task.preference_loss_weights={sigmoid:0.5,hinge:0.5}"]),
     "task.beta": (["task=dpo"], ["task.beta=0.5"]),
+    "task.kl_in_reward": ([*GRPO, "task=rloo", "task.beta=0.5"], ["task.kl_in_reward=false"]),
     "task.center_rewards_coefficient": (["task=reward_model"], ["task.center_rewards_coefficient=0.5"]),
     "task.step_separator": (["task=prm"], ["task.step_separator=' ;'"]),
     "task.train_on_last_step_only": (["task=prm"], ["task.train_on_last_step_only=true"]),
@@ -247,7 +248,7 @@ EXEMPT = {
 NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "task.reward=[format]"],
                            ["task=grpo", "task.loss_type=rft"], ["task=dpo"],
                            ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
-                           ["task=dpo", *LORA]]
+                           ["task=dpo", *LORA], ["task=rloo"]]
 
 
 def all_fields() -> dict[str, object]:

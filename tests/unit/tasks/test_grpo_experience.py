@@ -1,13 +1,11 @@
 """The GRPO task's experience phase (soup/tasks/grpo.py): what each setting does to the
 batches an optimizer step trains on. A random tiny Llama and the byte tokenizer: the
-completions are noise, the bookkeeping is what is checked."""
+completions are noise, the bookkeeping is what is checked (model_and_tokenizer: conftest.py)."""
 
-import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from soup.loop import total_optimizer_steps
-from soup.models.tokenizer import build_byte_tokenizer
 from soup.rewards.registry import RewardSpec
 from soup.rollout.engine import SamplingParams
 from soup.tasks.grpo import GRPOSettings, GRPOTask, pull_toward
@@ -18,17 +16,6 @@ PROMPTS = ["Once upon", "A cat", "The sun was", "Tom"]
 
 def lengths(completions, **_):
     return [float(len(text)) for text in completions]
-
-
-@pytest.fixture
-def model_and_tokenizer():
-    tokenizer = build_byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config), tokenizer
 
 
 def make_task(tokenizer, reward=lengths, columns=(), **settings):
