@@ -1,12 +1,15 @@
-"""Memory and speed features through the CLI: each is live, and the exact ones change nothing but memory."""
+"""Memory and speed features in real runs: each is live, and the exact ones change nothing but
+memory (those run in process, the rest through the CLI)."""
 
+import contextlib
+import io
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +23,14 @@ def train(tmp_path, name, *overrides):
     return run_dir, proc.stdout
 
 
+def train_in_process(tmp_path, name, *overrides):
+    """train() without a new interpreter: for the features that act on the model they are given."""
+    run_dir, out = tmp_path / name, io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_in_process(run_dir, [*BASE, *overrides])
+    return run_dir, out.getvalue()
+
+
 def weights(run_dir):
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
@@ -31,7 +42,7 @@ def losses(run_dir):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    run_dir, _ = train(tmp_path_factory.mktemp("base"), "none")
+    run_dir, _ = train_in_process(tmp_path_factory.mktemp("base"), "none")
     return run_dir
 
 
@@ -40,7 +51,7 @@ def baseline(tmp_path_factory):
     ["offload=disk"], ["checkpointing=medium", "offload=disk"], ["kernels=chunked_ce", "kernels.ce_chunk_size=64"],
 ])
 def test_exact_memory_features_train_the_same_weights(baseline, tmp_path, overrides):
-    run_dir, out = train(tmp_path, "feature", *overrides)
+    run_dir, out = train_in_process(tmp_path, "feature", *overrides)
     expected = weights(baseline)
     for name, tensor in weights(run_dir).items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=name)
@@ -106,7 +117,7 @@ def test_kernels_auto_logs_its_choice_and_timings(tmp_path):
     (["data.multipack=true", "data.multipack_layout=padded"], "multipack (padded:"),
 ])
 def test_packing_and_multipack_train_and_report_efficiency(tmp_path, overrides, expect):
-    run_dir, out = train(tmp_path, "packed", *overrides, "data.val_split=0.1", "train.eval_every_steps=3")
+    run_dir, out = train_in_process(tmp_path, "packed", *overrides, "data.val_split=0.1", "train.eval_every_steps=3")
     assert expect in out
     assert "efficiency" in out
     assert all(loss == loss for loss in losses(run_dir))  # finite, not NaN

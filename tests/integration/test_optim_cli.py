@@ -1,4 +1,6 @@
-"""Every optimizer that runs on CPU trains through the CLI; 8-bit AdamW and schedule-free resume bit-exactly."""
+"""Every optimizer that runs on CPU trains in a real run; 8-bit AdamW and schedule-free resume
+bit-exactly. In process (the composed config and soup.train.run, as the CLI calls it): the CLI
+path itself is tests/integration/test_cli.py's."""
 
 import json
 
@@ -7,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from soup.config.validate import OPTIMIZERS
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -24,22 +26,24 @@ def train_losses(run_dir):
 
 
 @pytest.mark.parametrize("name", [name for name in CPU_OPTIMIZERS if name not in RESUMED])
-def test_optimizer_trains_through_the_cli(name, tmp_path):
-    run_cli("debug=tiny", f"optim={name}", *EXTRA.get(name, []), f"hydra.run.dir={tmp_path}")
+def test_optimizer_trains_in_a_real_run(name, tmp_path):
+    run_in_process(tmp_path, ["debug=tiny", f"optim={name}", *EXTRA.get(name, [])])
     losses = train_losses(tmp_path)
     assert len(losses) == 6 and all(loss > 0 for loss in losses)
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", RESUMED)
-def test_three_steps_then_resume_equals_six_straight(name, tmp_path):
+def test_three_steps_then_resume_equals_six_straight(name, tmp_path, capsys):
     # sched=constant for both, so stopping at max_steps=3 changes no learning rate.
     common = ["debug=tiny", f"optim={name}", "sched=constant", "train.save_every_steps=3"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_cli(*common, f"hydra.run.dir={straight}")
-    run_cli(*common, "train.max_steps=3", f"hydra.run.dir={split}")
+    run_in_process(straight, common)
+    run_in_process(split, [*common, "train.max_steps=3"])
+    capsys.readouterr()
     # The 3-step run finished; going on to 6 steps is a change of length, asked for explicitly.
-    out = run_cli(*common, "resume=auto", "allow_resume_changes=true", f"hydra.run.dir={split}").stdout
+    run_in_process(split, [*common, "resume=auto", "allow_resume_changes=true"])
+    out = capsys.readouterr().out
     assert "resumed from" in out and "step-3" in out
     expected = load_file(str(straight / "final" / "model.safetensors"))
     resumed = load_file(str(split / "final" / "model.safetensors"))

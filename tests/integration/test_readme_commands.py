@@ -91,7 +91,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         if "--multirun" in overrides:
             run_cli(*overrides, *caps, f"hydra.sweep.dir={tmp_path / f'sweep{n}'}", timeout=600)
             jobs = sorted((tmp_path / f"sweep{n}").glob("*/run.json"))
-            assert len(jobs) == 2, command
+            assert len(jobs) == expected_jobs(overrides, caps), command
             continue
         named_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
         run_dir = Path(named_dir) if named_dir else tmp_path / f"run{n}"
@@ -101,3 +101,16 @@ def test_every_readme_command_runs_as_written(tmp_path):
         runs.append(run_dir)
         if (run_dir / "final" / "adapter_config.json").exists():
             adapters.append(run_dir / "final")
+
+
+def expected_jobs(overrides: list[str], caps: list[str]) -> int:
+    """How many runs a --multirun makes: the Optuna sweeper's capped trials, or the product of
+    each override's comma-separated values (Hydra's grid)."""
+    trials = [c.split("=", 1)[1] for c in caps if c.startswith("hydra.sweeper.n_trials=")]
+    if trials:
+        return int(trials[0])
+    combinations = 1
+    for override in overrides:
+        if "=" in override:
+            combinations *= len(override.split("=", 1)[1].split(","))
+    return combinations
