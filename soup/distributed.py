@@ -176,12 +176,17 @@ def no_sync(model: torch.nn.Module, skip: bool):
     return contextlib.nullcontext()
 
 
+def zero3_partitioned(params) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds these parameters as partitions (it tags each with a ds_id)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
 def forward_is_collective(model: torch.nn.Module) -> bool:
     """Whether the model's forward gathers weights from the other ranks (FSDP2, ZeRO-3), so
     that every rank must run the same number of forwards."""
     from soup.fsdp import is_sharded
 
-    return is_sharded(model) or any(hasattr(p, "ds_id") for p in model.parameters())
+    return is_sharded(model) or zero3_partitioned(model.parameters())
 
 
 @contextlib.contextmanager
@@ -190,7 +195,7 @@ def gathered_parameters(model: torch.nn.Module):
     every rank). ZeRO-3's partitions are gathered for the duration of the block, FSDP2's
     shards copied into full tensors; a plain model's parameters are themselves."""
     params = list(model.parameters())
-    if any(hasattr(p, "ds_id") for p in params):
+    if zero3_partitioned(params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):
