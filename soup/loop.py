@@ -198,7 +198,7 @@ def train_loop(
     # In epoch mode the last step may hold fewer micro-batches; in max_steps mode the stream just continues.
     total_micro_batches = (None if train_cfg.max_steps is not None
                            else epochs_to_run(train_cfg) * sampler.batches_per_epoch)
-    optimizer = build_optimizer(policy, cfg.optim, cfg.peft)
+    optimizer = build_optimizer(task.optimized_module(policy), cfg.optim, cfg.peft)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
     engine = None
     if cfg.parallelism.name in zero.STAGES:  # DeepSpeed partitions the model and wraps the optimizer

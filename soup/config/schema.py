@@ -94,19 +94,17 @@ class PRMTaskConfig(TaskConfig):
 
 
 @dataclass
-class GRPOTaskConfig(TaskConfig):
-    """Online RL (task=grpo, and task=rloo, REINFORCE leave-one-out, which shares it): sample
-    num_generations completions per prompt from the policy,
-    score them with `reward`, and optimise a GRPO-family objective (soup/losses/grpo.py,
-    soup/tasks/grpo.py). Names follow TRL's GRPOConfig."""
+class OnlineTaskConfig(TaskConfig):
+    """What the online tasks (grpo, rloo, ppo) share: the prompts, how completions are sampled
+    from the policy, and the rewards that score them (soup/rollout/engine.py, soup/rewards/)."""
 
-    # Reward functions: registered names (accuracy, math, format, code, json_schema) or paths
-    # to .py files defining reward_fn(completions, **columns); `reward_weights` one weight each.
+    # Reward functions: registered names (accuracy, math, format, code, json_schema), paths
+    # to .py files defining reward_fn(completions, **columns), or the directory of a saved
+    # reward model (task=reward_model's final/); `reward_weights` one weight each.
     reward: Any = field(default_factory=lambda: ["accuracy"])
     reward_weights: Any = None
-    num_generations: int = 4
     max_completion_length: int = 64
-    # Sampling: temperature 0 is greedy (then every completion of a group is the same: no signal).
+    # Sampling: temperature 0 is greedy.
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -117,6 +115,20 @@ class GRPOTaskConfig(TaskConfig):
     prompt_template: Optional[str] = None
     # Strings that end a completion (besides EOS and the template's end of turn), e.g. ["</answer>"].
     stop: Any = None
+    # The format reward's regex: <think>...</think> then an answer.
+    format_pattern: str = r"^\s*<think>.*?</think>\s*\S.*$"
+    # The row column the accuracy and math rewards compare with.
+    answer_column: str = "answer"
+
+
+@dataclass
+class GRPOTaskConfig(OnlineTaskConfig):
+    """Online RL (task=grpo, and task=rloo, REINFORCE leave-one-out, which shares it): sample
+    num_generations completions per prompt from the policy,
+    score them with `reward`, and optimise a GRPO-family objective (soup/losses/grpo.py,
+    soup/tasks/grpo.py). Names follow TRL's GRPOConfig."""
+
+    num_generations: int = 4
     # grpo | bnpo | dr_grpo | dapo: the clipped objective with that reduction of token losses;
     # cispo: MiniMax-M1's clipped IS weight; rft: fine-tuning on each group's best completions
     # (both reduce as dapo). Formulas: soup/losses/grpo.py.
@@ -151,10 +163,43 @@ class GRPOTaskConfig(TaskConfig):
     # task=rloo: the KL to the reference enters each completion's reward (reward - beta x the
     # completion's summed log pi - log pi_ref, as the RLOO paper) instead of the loss (k3 x beta).
     kl_in_reward: bool = True
-    # The format reward's regex: <think>...</think> then an answer.
-    format_pattern: str = r"^\s*<think>.*?</think>\s*\S.*$"
-    # The row column the accuracy and math rewards compare with.
-    answer_column: str = "answer"
+
+
+@dataclass
+class PPOTaskConfig(OnlineTaskConfig):
+    """task=ppo (RLHF with PPO, soup/tasks/ppo.py, formulas in soup/losses/ppo.py): one completion
+    per prompt, scored by `reward` (a reward model's directory, or any reward above), a per-token
+    KL penalty to the reference, GAE over a value model's estimates, and PPO's clipped policy
+    and value losses. A rollout batch is train.micro_batch_size x train.grad_accum_steps prompts;
+    it is trained on for ppo_epochs passes of num_mini_batches optimizer steps each."""
+
+    # What the value model starts from: reward_model (the reward model of task.reward, its score
+    # head read at every token), policy (the policy's weights, a new score head), or auto
+    # (reward_model when task.reward names one, else policy).
+    value_init: str = "auto"
+    # The KL penalty's coefficient (Ziegler et al.'s beta); 0 builds no reference.
+    kl_coef: float = 0.05
+    # k1 (log pi - log pi_ref) | k3 (Schulman's non-negative estimator) for the per-token KL.
+    kl_estimator: str = "k1"
+    # Adaptive KL (Ziegler et al. sec. 2.2): steer the summed KL per completion toward target_kl
+    # over kl_horizon completions. null: kl_coef stays fixed.
+    target_kl: Optional[float] = None
+    kl_horizon: float = 10000.0
+    # Subtracted from the score of a completion that ends without EOS (hits max_completion_length).
+    missing_eos_penalty: Optional[float] = None
+    # Scale the per-token rewards to unit variance over the batch (mean kept).
+    whiten_rewards: bool = False
+    # GAE's discount and lambda (Huang et al.: gamma 1, lam 0.95).
+    gamma: float = 1.0
+    lam: float = 0.95
+    # PPO's clip of the policy ratio, and of the value's move from its value at rollout.
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    # Weight of the value loss beside the policy loss (one optimizer over both models).
+    vf_coef: float = 0.1
+    # Passes over each rollout batch, and optimizer steps (mini-batches) per pass.
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
 
 
 @dataclass
@@ -493,3 +538,4 @@ def register_configs() -> None:
     cs.store(group="task", name="grpo_schema", node=GRPOTaskConfig)
     cs.store(group="task", name="reward_model_schema", node=RewardModelTaskConfig)
     cs.store(group="task", name="prm_schema", node=PRMTaskConfig)
+    cs.store(group="task", name="ppo_schema", node=PPOTaskConfig)

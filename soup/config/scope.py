@@ -28,6 +28,7 @@ from soup.config.schema import GROUP_SCHEMAS, SoupConfig
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TOKEN_TASKS = ("sft", "pretrain")
+TEMPLATED_TASKS = ("sft", "grpo", "rloo", "ppo", "reward_model", *PREFERENCE_TASKS)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -126,6 +127,13 @@ VAL_DATA = Scope(has_val_data, "validation data (data.val_split > 0 or data.val_
                  lambda cfg: "no validation data: data.val_split=0 and no data.val_file")
 
 
+PPO_KL = Scope(lambda c: c.task.kl_coef > 0, "a KL penalty (task.kl_coef > 0)", lambda c: "task.kl_coef=0")
+# PPO's clips act once the models have moved since the rollout: from a rollout batch's second step on.
+PPO_RATIO_MOVES = Scope(lambda c: c.task.ppo_epochs * c.task.num_mini_batches > 1,
+                        "more than one optimizer step per rollout batch (task.ppo_epochs x task.num_mini_batches > 1)",
+                        lambda c: "task.ppo_epochs=1 with task.num_mini_batches=1")
+
+
 def ratio_moves(clip_only: bool) -> Scope:
     """grpo's clip settings: read when the importance ratio can leave 1 (a batch trained on again,
     or replayed) and the loss_type has a ratio (clip_only: the clipped ones, not cispo)."""
@@ -169,7 +177,11 @@ def _build_scopes() -> dict[str, Scope]:
         # data
         "data.train_file": choice("data.name", "file"),
         "data.format": token_task,  # preference rows are recognised by their fields
-        "data.chat_template": choice("task.name", "sft", "grpo", "rloo", "reward_model", *PREFERENCE_TASKS),
+        # prompt_completion rows are plain text: no template renders them
+        "data.chat_template": Scope(
+            lambda c: c.task.name in TEMPLATED_TASKS and not (c.task.name == "sft" and c.data.format == "prompt_completion"),
+            f"task={'|'.join(TEMPLATED_TASKS)} (sft with a chat format)",
+            lambda c: "data.format=prompt_completion" if c.task.name == "sft" else f"task={c.task.name}"),
         "data.train_on_responses_only": choice("task.name", "sft"),
         "data.text_field": choice("task.name", "pretrain"),
         "data.packing": token_task,
@@ -232,6 +244,14 @@ def _build_scopes() -> dict[str, Scope]:
                                      lambda c: f"task.reward={list(c.task.reward)}"),
         "task.answer_column": Scope(lambda c: bool({"accuracy", "math"} & set(c.task.reward)),
                                     "task.reward with accuracy or math", lambda c: f"task.reward={list(c.task.reward)}"),
+        # task=ppo
+        "task.kl_estimator": PPO_KL,
+        "task.target_kl": PPO_KL,
+        "task.kl_horizon": Scope(lambda c: PPO_KL.applies(c) and c.task.target_kl is not None,
+                                 "an adaptive KL coefficient (task.target_kl set, task.kl_coef > 0)",
+                                 lambda c: PPO_KL.now(c) if not PPO_KL.applies(c) else "task.target_kl=null"),
+        "task.cliprange": PPO_RATIO_MOVES,
+        "task.cliprange_value": PPO_RATIO_MOVES,
         "task.rpo_alpha": choice("task.name", "dpo", "preference"),
         "task.beta_schedule": loss_param("beta"),
         "task.beta_end": choice("task.beta_schedule", "linear", "cosine", "exponential"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,7 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "reward_model", "prm")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -25,7 +26,7 @@ REFERENCES = ("auto", "copy", "adapter", "precomputed", "none")
 SEQUENCE_LAYOUTS = ("auto", "shared_prompt", "stacked")
 MULTIPACK_LAYOUTS = ("packed", "padded")
 MODELS = ("tiny", "hf")
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "chatml", "plaintext", "tool_calling")
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "chatml", "plaintext", "tool_calling", "prompt_completion")
 OVERLONG_POLICIES = ("truncate", "drop", "truncate_or_drop")
 BACKENDS = ("transformers",)
 QUANTS = ("none", "fp8", "int8_qat", "4bit", "8bit")
@@ -103,6 +104,10 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_preference(cfg, need)
     if cfg.task.name in ("grpo", "rloo"):
         _check_grpo(cfg, need)
+    if cfg.task.name in ("grpo", "rloo", "ppo"):
+        _check_online(cfg, need)
+    if cfg.task.name == "ppo":
+        _check_ppo(cfg, need)
     if cfg.parallelism.name != "single":
         _check_ranks(cfg, need)
     _check_model(cfg, need)
@@ -382,6 +387,16 @@ def _check_grpo(cfg: DictConfig, need) -> None:
         need(False, f"{one} with task.ref_sync_steps and peft={cfg.peft.name}: the reference is the policy with "
                     "its adapters disabled, the frozen base, which cannot move toward the policy. Use peft=none "
                     "(a reference copy that moves), or task.ref_sync_steps=0.")
+    need(task.num_generations >= 2, f"{one}: task.num_generations must be at least 2 (a group needs two "
+                                    f"completions to compare; got {task.num_generations}).")
+    need(task.scale_rewards in SCALES, f"{one}: task.scale_rewards={task.scale_rewards!r}; valid: {', '.join(SCALES)}.")
+    need(task.beta >= 0, f"{one}: task.beta must be >= 0.")
+
+
+def _check_online(cfg: DictConfig, need) -> None:
+    """What grpo, rloo and ppo share: the prompt template, sampling and the rewards."""
+    task = cfg.task
+    one = f"task={task.name}"
     from soup.tasks.prompts import PROMPT_TEMPLATES
 
     template = task.prompt_template
@@ -391,20 +406,16 @@ def _check_grpo(cfg: DictConfig, need) -> None:
     stop = task.stop
     need(stop is None or (OmegaConf.is_list(stop) and all(isinstance(x, str) and x for x in stop)),
          f"{one}: task.stop must be a list of non-empty strings, e.g. task.stop='[\"</answer>\"]'.")
-    need(task.scale_rewards in SCALES, f"{one}: task.scale_rewards={task.scale_rewards!r}; valid: {', '.join(SCALES)}.")
-    need(task.num_generations >= 2, f"{one}: task.num_generations must be at least 2 (a group needs two "
-                                    f"completions to compare; got {task.num_generations}).")
     need(task.max_completion_length >= 1, f"{one}: task.max_completion_length must be at least 1.")
     need(task.max_completion_length < cfg.data.max_length,
          f"{one}: task.max_completion_length={task.max_completion_length} leaves no room for the prompt in "
          f"data.max_length={cfg.data.max_length}; raise data.max_length.")
-    need(task.temperature > 0, f"{one}: task.temperature must be > 0: at 0 every completion of a group is the "
-                               "same, so every advantage is 0 and nothing trains.")
+    need(task.temperature > 0, f"{one}: task.temperature must be > 0: online RL learns from sampled completions "
+                               "(at 0 every completion of a grpo group is the same, so nothing trains).")
     need(0 < task.top_p <= 1, f"{one}: task.top_p must be in (0, 1] (got {task.top_p}).")
     need(task.top_k >= 0, f"{one}: task.top_k must be >= 0 (0: off).")
     need(0 <= task.min_p < 1, f"{one}: task.min_p must be in [0, 1) (got {task.min_p}).")
     need(task.repetition_penalty > 0, f"{one}: task.repetition_penalty must be > 0 (1: off).")
-    need(task.beta >= 0, f"{one}: task.beta must be >= 0.")
     rewards = list(task.reward) if OmegaConf.is_list(task.reward) else None
     need(bool(rewards), f"{one}: task.reward must be a non-empty list, e.g. task.reward=[accuracy,format].")
     if rewards:
@@ -420,6 +431,49 @@ def _check_grpo(cfg: DictConfig, need) -> None:
         need(weights is None or (OmegaConf.is_list(weights) and len(weights) == len(rewards)),
              f"{one}: task.reward_weights needs one weight per reward ({len(rewards)}), e.g. "
              f"[{','.join(['1.0'] * len(rewards))}].")
+
+
+def _check_ppo(cfg: DictConfig, need) -> None:
+    from soup.losses.ppo import KL_ESTIMATORS
+    from soup.tasks.ppo import VALUE_INITS
+
+    task = cfg.task
+    need(task.value_init in VALUE_INITS, f"task=ppo: task.value_init={task.value_init!r}; valid: "
+                                         f"{', '.join(VALUE_INITS)}.")
+    if task.value_init == "reward_model" and OmegaConf.is_list(task.reward):
+        paths = [str(name) for name in task.reward if Path(str(name)).expanduser().is_dir()]
+        need(len(paths) == 1, f"task=ppo: task.value_init=reward_model starts the value model from the reward "
+                              f"model in task.reward, which names {len(paths)} reward model directories "
+                              f"({', '.join(paths) or 'none'}). Fix: give one reward model directory in task.reward, "
+                              "or task.value_init=policy.")
+    need(task.kl_coef >= 0, f"task=ppo: task.kl_coef must be >= 0 (0: no KL penalty; got {task.kl_coef}).")
+    need(task.kl_estimator in KL_ESTIMATORS, f"task=ppo: task.kl_estimator={task.kl_estimator!r}; valid: "
+                                             f"{', '.join(KL_ESTIMATORS)}.")
+    need(task.target_kl is None or task.target_kl > 0, "task=ppo: task.target_kl must be > 0 (nats of KL per "
+                                                       "completion, e.g. 6) or null (a fixed kl_coef).")
+    need(task.target_kl is None or task.kl_coef > 0, "task=ppo: task.target_kl adapts kl_coef by a factor each "
+                                                     "batch, which cannot move it from 0. Fix: start from "
+                                                     "task.kl_coef > 0 (e.g. 0.05).")
+    need(task.kl_horizon > 0, f"task=ppo: task.kl_horizon must be > 0 (completions; got {task.kl_horizon}).")
+    need(task.missing_eos_penalty is None or task.missing_eos_penalty >= 0,
+         "task=ppo: task.missing_eos_penalty is subtracted from the score, so it must be >= 0 (or null).")
+    need(0 <= task.gamma <= 1, f"task=ppo: task.gamma must be in [0, 1] (got {task.gamma}).")
+    need(0 <= task.lam <= 1, f"task=ppo: task.lam must be in [0, 1] (got {task.lam}).")
+    need(0 < task.cliprange < 1, f"task=ppo: task.cliprange must be in (0, 1) (got {task.cliprange}).")
+    need(task.cliprange_value > 0, f"task=ppo: task.cliprange_value must be > 0 (got {task.cliprange_value}).")
+    need(task.vf_coef > 0, f"task=ppo: task.vf_coef must be > 0: at 0 the value model never learns and GAE "
+                           f"reads its initial guesses (got {task.vf_coef}).")
+    need(task.ppo_epochs >= 1, f"task=ppo: task.ppo_epochs must be at least 1 (got {task.ppo_epochs}).")
+    need(task.num_mini_batches >= 1 and cfg.train.grad_accum_steps % task.num_mini_batches == 0,
+         f"task=ppo: task.num_mini_batches={task.num_mini_batches} must divide train.grad_accum_steps="
+         f"{cfg.train.grad_accum_steps} (a rollout batch is micro_batch_size x grad_accum_steps prompts, each "
+         "mini-batch whole micro-batches of it). Fix: raise train.grad_accum_steps to a multiple of it.")
+    need(cfg.parallelism.name == "single", f"task=ppo with parallelism={cfg.parallelism.name}: PPO's value model "
+                                           "and reference are not yet sharded or synchronised across ranks. "
+                                           "Fix: parallelism=single.")
+    need(cfg.quant.name not in ("4bit", "8bit"), f"task=ppo with quant={cfg.quant.name}: the value model would "
+                                                 "start from the quantised base, which is not wired yet. "
+                                                 "Fix: quant=none (peft=lora keeps the memory down).")
 
 
 def _check_preference(cfg: DictConfig, need) -> None:

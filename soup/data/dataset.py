@@ -21,17 +21,18 @@ from typing import Any, Optional, TypedDict
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from soup.data.formats import CHAT_FORMATS, FORMATS, detect_format, to_messages, to_text, tools_of
+from soup.data.formats import (CHAT_FORMATS, FORMATS, detect_format, prompt_and_completion, to_messages, to_text,
+                                tools_of)
 from soup.data.readers import Row, read_rows, row_error
 from soup.data.templates import resolve_template
-from soup.data.tokenize import IGNORE_INDEX, tokenize_chat, tokenize_text
+from soup.data.tokenize import IGNORE_INDEX, tokenize_chat, tokenize_prompt_completion, tokenize_text
 from soup.errors import ConfigError, DataError
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PKG_PREFIX = "pkg://"
 DEMO_FILES = {"sft": "pkg://demo/sft.jsonl", "pretrain": "pkg://demo/pretrain.jsonl",
               "preference": "pkg://demo/preference.jsonl", "grpo": "pkg://demo/grpo.jsonl", "prm": "pkg://demo/prm.jsonl"}
-TASK_FORMATS = {"sft": CHAT_FORMATS, "pretrain": ("plaintext",)}
+TASK_FORMATS = {"sft": (*CHAT_FORMATS, "prompt_completion"), "pretrain": ("plaintext",)}
 OVERLONG_POLICIES = ("truncate", "drop", "truncate_or_drop")
 
 
@@ -105,7 +106,8 @@ def build_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, task_name:
     train_path = resolve_data_path(train_value, "data.train_file")
     train_rows = read_rows(train_path, max_rows=data_cfg.max_rows, text_field=data_cfg.text_field)
     fmt = _task_format(train_rows, data_cfg, task_name)
-    template = resolve_template(data_cfg.chat_template, tokenizer.chat_template) if task_name == "sft" else None
+    templated = task_name == "sft" and fmt in CHAT_FORMATS
+    template = resolve_template(data_cfg.chat_template, tokenizer.chat_template) if templated else None
 
     held_out = 0
     if data_cfg.val_file is not None:
@@ -262,6 +264,8 @@ def _tokenize_row(
 ) -> tuple[list[int], list[int]]:
     if fmt == "plaintext":
         return tokenize_text(to_text(row, data_cfg.text_field), tokenizer)
+    if fmt == "prompt_completion":
+        return tokenize_prompt_completion(*prompt_and_completion(row), tokenizer, data_cfg.train_on_responses_only)
     messages = to_messages(row, fmt)
     try:
         return tokenize_chat(messages, tokenizer, template, data_cfg.train_on_responses_only, tools=tools_of(row, fmt))

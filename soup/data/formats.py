@@ -6,6 +6,10 @@
     tool_calling  {"messages": [...], "tools"?: [...]}; assistant messages may carry
                   "tool_calls", and "role": "tool" messages hold the results
     plaintext     {<data.text_field>: "..."}
+    prompt_completion
+                  {"prompt": "...", "completion": "..."}, or a preference row {"prompt", "chosen", ...}
+                  read as its chosen completion (the SFT stage of RLHF); plain text, no chat
+                  template: BOS + prompt, then completion + EOS, as the preference tasks read it
 
 Chat formats become a list of {"role", "content", ("tool_calls")} with roles
 system/user/assistant/tool, the shape every chat template expects. Every row is
@@ -20,7 +24,7 @@ from typing import Any, Optional
 from soup.data.readers import Row, row_error
 
 CHAT_FORMATS = ("alpaca", "sharegpt", "chatml", "tool_calling")
-FORMATS = CHAT_FORMATS + ("plaintext",)
+FORMATS = CHAT_FORMATS + ("plaintext", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT speaker names -> chat roles. function_call is the assistant calling a
@@ -54,7 +58,8 @@ def detect_format(rows: list[Row], text_field: str = "text") -> str:
             paired = "chosen" in keys
             raise row_error(
                 first, f"these are preference rows ({{{', '.join(sorted(keys))}}}), which this task does not read",
-                fix="train them with task=dpo (or ipo, orpo, simpo, cpo)." if paired else
+                fix="train them with task=dpo (or ipo, orpo, simpo, cpo, reward_model), or SFT on the chosen "
+                    "completions with data.format=prompt_completion." if paired else
                 "train them with task=kto (or bco).",
             )
         raise row_error(
@@ -77,6 +82,8 @@ def _format_of_keys(record: dict[str, Any], text_field: str) -> Optional[str]:
         return "alpaca"
     if text_field in record:
         return "plaintext"
+    if {"prompt", "completion"} <= record.keys() and "label" not in record:
+        return "prompt_completion"
     return None
 
 
@@ -118,6 +125,21 @@ def to_text(row: Row, text_field: str = "text") -> str:
     if not value.strip():
         raise row_error(row, f"field '{text_field}' is empty", fix="remove the row or fill in the text.")
     return value
+
+
+def prompt_and_completion(row: Row) -> tuple[str, str]:
+    """The prompt and completion strings of a prompt_completion row (`chosen` stands in for a
+    missing `completion`)."""
+    prompt = _field(row, "prompt", "prompt_completion")
+    key = "completion" if "completion" in row.record or "chosen" not in row.record else "chosen"
+    completion = _field(row, key, "prompt_completion")
+    for value, what in ((prompt, "field 'prompt'"), (completion, f"field '{key}'")):
+        if not isinstance(value, str):
+            raise row_error(row, f"{what} must be a string in prompt_completion rows, got {type(value).__name__}",
+                            fix="write prompt and completion as text; conversations train as chatml (messages).")
+    if not completion:
+        raise row_error(row, f"field '{key}' is empty, so nothing would be trained", fix="remove the row.")
+    return prompt, completion
 
 
 def tools_of(row: Row, fmt: str) -> Optional[list[dict[str, Any]]]:

@@ -112,6 +112,23 @@ def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[i
     return ids, list(ids)
 
 
+def tokenize_prompt_completion(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase,
+                               train_on_responses_only: bool) -> tuple[list[int], list[int]]:
+    """BOS + prompt, then completion + EOS, tokenized apart (as the preference tasks and the
+    online tasks' sampler see them: the completion's ids follow the prompt's); labels on the
+    completion only, or on everything but the BOS with train_on_responses_only=false."""
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    ids = prompt_ids + completion_ids
+    if train_on_responses_only:
+        return ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return ids, list(ids)
+
+
 def _encode(text: str, tokenizer: PreTrainedTokenizerBase, with_offsets: bool) -> dict[str, Any]:
     # A template that writes the BOS itself (Llama 3's does) must not get a second
     # one from the tokenizer; otherwise let the tokenizer add its own (Llama 2 style).

@@ -9,6 +9,7 @@ from soup.tasks.base import Task, TaskOutput
 from soup.tasks.grpo import GRPOTask
 from soup.tasks.preference import PreferenceTask
 from soup.tasks.pretrain import PretrainTask
+from soup.tasks.ppo import PPOTask
 from soup.tasks.prm import PRMTask
 from soup.tasks.reward_model import RewardModelTask
 from soup.tasks.sft import SFTTask
@@ -16,6 +17,7 @@ from soup.tasks.sft import SFTTask
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask, "grpo": GRPOTask,
                                 "rloo": GRPOTask, "reward_model": RewardModelTask, "prm": PRMTask,
+                                "ppo": PPOTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 
@@ -24,10 +26,10 @@ def build_task(cfg, tokenizer) -> Task:
     task_class = TASKS[cfg.task.name]
     if task_class in (SFTTask, PretrainTask):
         return task_class(cfg.task, cfg.kernels)
-    if task_class is GRPOTask:
-        return GRPOTask.from_config(cfg, tokenizer)
+    if task_class in (GRPOTask, PPOTask):
+        return task_class.from_config(cfg, tokenizer)
     return task_class(cfg.task)
 
 
-__all__ = ["PREFERENCE_TASKS", "TASKS", "GRPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
+__all__ = ["PREFERENCE_TASKS", "TASKS", "GRPOTask", "PPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
            "build_task"]

@@ -85,6 +85,11 @@ class Task(ABC):
         Offline tasks collate them; an online task (grpo) generates and scores completions here."""
         return [collate(rows) for rows in micro_rows]
 
+    def optimized_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the run's optimizer trains: the model, or the model and what the task trains
+        beside it (ppo: its value model), under one gradient clip."""
+        return model
+
     def draws_rows(self, step: int) -> bool:
         """Whether optimizer step `step` draws new rows from the sampler (see steps_per_draw)."""
         return True

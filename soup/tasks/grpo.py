@@ -44,7 +44,7 @@ from soup.rewards import score
 from soup.rollout.engine import SamplingParams, sample
 from soup.tasks.base import Task, TaskData, TaskOutput
 from soup.tasks.grpo_batches import ReplayBuffer, micro_batches, split_groups, stack_groups
-from soup.tasks.logps import final_hidden_states, head_logits
+from soup.tasks.logps import completion_logps
 from soup.tasks.prompts import build_prompt_data, stop_token_ids
 
 # loss_type -> (objective, reduction): cispo and rft are objectives that reduce as dapo does.
@@ -121,14 +121,9 @@ class GRPOTask(Task):
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> "GRPOTask":
-        from soup.rewards.registry import get_reward
-
         t = cfg.task
-        sampling = SamplingParams(max_completion_length=t.max_completion_length, temperature=t.temperature,
-                                  top_p=t.top_p, top_k=t.top_k, min_p=t.min_p, repetition_penalty=t.repetition_penalty,
-                                  stop=tuple(t.stop or ()))
         settings = GRPOSettings(
-            sampling, num_generations=t.num_generations, loss_type=t.loss_type, scale_rewards=t.scale_rewards,
+            sampling_params(t), num_generations=t.num_generations, loss_type=t.loss_type, scale_rewards=t.scale_rewards,
             epsilon=t.epsilon, epsilon_high=t.epsilon_high, delta=t.delta,
             importance_sampling_level=t.importance_sampling_level, beta=t.beta, num_iterations=t.num_iterations,
             tis_threshold=t.tis_threshold, mask_truncated_completions=t.mask_truncated_completions,
@@ -137,10 +132,7 @@ class GRPOTask(Task):
             ref_model_ema_alpha=t.ref_model_ema_alpha, seed=cfg.seed,
             micro_batch_size=cfg.train.micro_batch_size * t.num_generations,
             advantage="rloo" if t.name == "rloo" else "group", kl_in_reward=t.name == "rloo" and t.kl_in_reward)
-        names = [str(name) for name in t.reward]
-        weights = list(t.reward_weights) if t.reward_weights is not None else [1.0] * len(names)
-        rewards = [(get_reward(name, **reward_params(name, t)), float(w)) for name, w in zip(names, weights)]
-        return cls(settings, rewards, tokenizer, stop_token_ids(tokenizer))
+        return cls(settings, bound_rewards(t), tokenizer, stop_token_ids(tokenizer))
 
     def build_data(self, cfg, tokenizer) -> TaskData:
         data = build_prompt_data(cfg, tokenizer, self.rewards)
@@ -367,21 +359,8 @@ class GRPOTask(Task):
     # ------------------------------------------------------------------ training
     def completion_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                          with_entropy: bool = False):
-        """(B, T) log-probs of the sampled completion tokens, from logits / temperature;
-        with_entropy: also the (B, T) entropy of each position's distribution (no gradient)."""
-        width = batch["completion_ids"].shape[1]
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        hidden = final_hidden_states(model, inputs)[:, -width - 1:-1]
-        logits = head_logits(model, hidden)
-        if self.settings.sampling.temperature > 0:
-            logits = logits / self.settings.sampling.temperature
-        log_probs = logits.log_softmax(-1)
-        logps = log_probs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return logps
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return logps, entropy
+        """(B, T) log-probs of the sampled completion tokens, from logits / temperature (soup/tasks/logps.py)."""
+        return completion_logps(model, batch, self.settings.sampling.temperature, with_entropy)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return loss_units(batch["completion_mask"], self.settings.reduction)
@@ -443,6 +422,23 @@ def per_reward_metrics(scores) -> dict[str, float]:
             metrics[f"rewards/{label}/mean"] = float(applied.mean())
             metrics[f"rewards/{label}/std"] = float(applied.std()) if applied.numel() > 1 else 0.0
     return metrics
+
+
+def sampling_params(task_cfg) -> SamplingParams:
+    """How an online task (grpo, rloo, ppo) samples, from its config."""
+    t = task_cfg
+    return SamplingParams(max_completion_length=t.max_completion_length, temperature=t.temperature, top_p=t.top_p,
+                          top_k=t.top_k, min_p=t.min_p, repetition_penalty=t.repetition_penalty,
+                          stop=tuple(t.stop or ()))
+
+
+def bound_rewards(task_cfg) -> list[tuple]:
+    """[(reward, weight)] of task.reward and task.reward_weights, each reward's settings bound."""
+    from soup.rewards.registry import get_reward
+
+    names = [str(name) for name in task_cfg.reward]
+    weights = list(task_cfg.reward_weights) if task_cfg.reward_weights is not None else [1.0] * len(names)
+    return [(get_reward(name, **reward_params(name, task_cfg)), float(w)) for name, w in zip(names, weights)]
 
 
 def reward_params(name: str, task_cfg) -> dict:

@@ -65,3 +65,26 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     tokens = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
     return sums, tokens
+
+
+def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float,
+                     with_entropy: bool = False):
+    """(B, T) log-probs of a rollout's sampled completion tokens under `model`, from logits /
+    temperature (the distribution the sampler drew from); with_entropy: also the (B, T) entropy
+    of each position's distribution (no gradient).
+
+    batch: input_ids = left-padded prompt + right-padded completion, attention_mask,
+    position_ids, and completion_ids (B, T), the last T columns of input_ids."""
+    width = batch["completion_ids"].shape[1]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = final_hidden_states(model, inputs)[:, -width - 1:-1]
+    logits = head_logits(model, hidden)
+    if temperature > 0:
+        logits = logits / temperature
+    log_probs = logits.log_softmax(-1)
+    logps = log_probs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy

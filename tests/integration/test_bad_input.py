@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +50,15 @@ def test_format_mismatch_names_the_flag(tmp_path):
                expect=[f"{data}:1", "data.format"])
 
 
-def test_row_with_zero_trainable_tokens_names_the_fix(tmp_path):
+def test_row_with_zero_trainable_tokens_names_the_fix(tmp_path, capsys):
     long_prompt = {"instruction": "x" * 400, "input": "", "output": "ok"}
     data = write_rows(tmp_path / "d.jsonl", [GOOD, long_prompt])
     fails_with("data=file", f"data.train_file={data}", "data.max_length=64", f"hydra.run.dir={tmp_path / 'run'}",
                expect=[f"{data}:2", "data.overlong=truncate_or_drop"])
     # The fix it names works: the row is dropped and counted, the good row trains.
-    out = run_cli("data=file", f"data.train_file={data}", "data.max_length=64", "data.overlong=truncate_or_drop",
-                  "train.max_steps=1", f"hydra.run.dir={tmp_path / 'fixed'}")
-    assert "nothing_to_train_after_truncation: 1" in out.stdout
+    run_in_process(tmp_path / "fixed", ["data=file", f"data.train_file={data}", "data.max_length=64",
+                                        "data.overlong=truncate_or_drop", "train.max_steps=1"])
+    assert "nothing_to_train_after_truncation: 1" in capsys.readouterr().out
 
 
 def test_missing_file_names_the_flag(tmp_path):

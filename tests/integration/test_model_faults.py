@@ -9,7 +9,7 @@ import pytest
 
 from soup.errors import ConfigError
 from soup.models.files import model_source
-from tests.conftest import REPO_ROOT, require_shared, run_cli
+from tests.conftest import REPO_ROOT, require_shared, run_cli, run_in_process
 
 STORIES = "models/stories260k"
 
@@ -73,9 +73,9 @@ def test_an_adapter_of_a_relative_model_path_merges_from_anywhere_and_a_moved_ba
     """Item 11: the adapter records the resolved base; a moved base names where it was read and --base."""
     require_shared(STORIES)
     run_dir = tmp_path / "run"
-    run_cli("model=hf", f"model.path=../shared/{STORIES}", "data.chat_template=chatml", "peft=lora",
-            "train.max_steps=2", "data.max_rows=16", "train.progress_bar=false", f"hydra.run.dir={run_dir}",
-            cwd=REPO_ROOT)
+    assert Path.cwd().resolve() == REPO_ROOT.resolve()  # model.path is relative to where the run starts
+    run_in_process(run_dir, ["model=hf", f"model.path=../shared/{STORIES}", "data.chat_template=chatml", "peft=lora",
+                             "train.max_steps=2", "data.max_rows=16", "train.progress_bar=false"])
     adapter = run_dir / "final"
     recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(recorded).is_absolute() and Path(recorded) == (REPO_ROOT / ".." / "shared" / STORIES).resolve()

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from soup.models.load import apply_peft, build_model
 from soup.models.tokenizer import build_byte_tokenizer
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def test_lora_on_unfrozen_layers_only(tmp_path):
 
 
 def test_neftune_run_differs_from_a_clean_run(tmp_path):
-    run_cli("debug=tiny", f"hydra.run.dir={tmp_path / 'clean'}")
-    run_cli("debug=tiny", "train.neftune_alpha=5", f"hydra.run.dir={tmp_path / 'noisy'}")
+    run_in_process(tmp_path / "clean", ["debug=tiny"])
+    run_in_process(tmp_path / "noisy", ["debug=tiny", "train.neftune_alpha=5"])
     clean = load_file(str(tmp_path / "clean" / "final" / "model.safetensors"))
     noisy = load_file(str(tmp_path / "noisy" / "final" / "model.safetensors"))
     assert any(not torch.equal(clean[k], noisy[k]) for k in clean)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import require_shared, run_cli
+from tests.conftest import require_shared, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -75,13 +75,13 @@ def test_stories260k_held_out_reward_accuracy_rises_above_half(task, extra, tmp_
 
 
 @pytest.mark.parametrize("task", ["dpo", "kto"])
-def test_both_sequence_layouts_train_to_the_same_first_step(task, tmp_path):
+def test_both_sequence_layouts_train_to_the_same_first_step(task, tmp_path, capsys):
     # The layouts compute the same log-probs; a step's loss and rewards agree to float noise.
     firsts = []
     for layout in ("stacked", "shared_prompt"):
-        out = run_cli(f"task={task}", "debug=tiny", f"task.sequence_layout={layout}", "train.max_steps=2",
-                      f"hydra.run.dir={tmp_path / layout}")
-        assert f"sequence layout: {layout}" in out.stdout
+        run_in_process(tmp_path / layout, [f"task={task}", "debug=tiny", f"task.sequence_layout={layout}",
+                                           "train.max_steps=2"])
+        assert f"sequence layout: {layout}" in capsys.readouterr().out
         rows = [json.loads(line) for line in (tmp_path / layout / "metrics.jsonl").read_text().splitlines()]
         firsts.append(next(r for r in rows if r["split"] == "train"))
     for key in ("loss", "rewards/chosen", "logps/rejected"):

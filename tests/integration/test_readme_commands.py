@@ -60,6 +60,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         "outputs/2026-11-23/12-00-00": lambda: str(runs[0]),
         "outputs/<date>/<time>/final": lambda: str(adapters[-1]),
         "merged/": lambda: str(tmp_path / "merged"),
+        "runs/rlhf/": lambda: f"{tmp_path}/rlhf/",  # the RLHF stages feed each other there
         # the README extends the 150-step default run; here the capped 2-step run goes on to 4
         "train.max_steps=300": lambda: "train.max_steps=4",
     }

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import require_shared, run_cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -61,21 +61,3 @@ def test_a_lora_reward_model_saves_its_head_with_the_adapter_and_merges(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.shared
-def test_stories260k_reward_model_beats_chance_on_held_out_hh_rlhf_pairs(tmp_path):
-    """The pipeline's second stage on real data: held-out accuracy above 0.5 and above its start
-    (observed on 240 held-out pairs: 0.458 at step 0, 0.562 at step 80; a 260K-parameter model
-    finds little in harmlessness, so the margin is modest)."""
-    model = require_shared("models/stories260k")
-    data = require_shared("data/preference/hh_rlhf_harmless_base.jsonl")
-    run_cli("task=reward_model", "model=hf", f"model.path={model}", "data=file", f"data.train_file={data}",
-            "data.max_rows=1200", "data.val_split=0.2", "data.max_length=256", "data.max_prompt_length=192",
-            "data.overlong=truncate", "train.micro_batch_size=16", "train.grad_accum_steps=1", "train.max_steps=80",
-            "train.eval_every_steps=40", "train.eval_at_start=true", "train.save_every_steps=0", "optim.lr=3e-3",
-            f"hydra.run.dir={tmp_path}", timeout=300)
-    history = evals(tmp_path)
-    accuracies = [(e["step"], round(e["accuracy"], 3)) for e in history]
-    assert history[0]["step"] == 0
-    assert history[-1]["accuracy"] > 0.5 and history[-1]["accuracy"] > history[0]["accuracy"], accuracies

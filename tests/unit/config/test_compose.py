@@ -72,11 +72,31 @@ def test_unknown_group_option_fails_at_compose_time():
         make("optim=adamz")
 
 
-def test_every_debug_and_experiment_preset_composes():
+def test_every_debug_and_experiment_preset_composes(tmp_path):
+    # The RLHF presets read the stage before them: rlhf_ppo scores with stage 2's final/.
+    stage_outputs = {"rlhf_ppo": [f"task.reward=[{saved_reward_model(tmp_path)}]"]}
     for group in ("debug", "experiment"):
         for option in options(group):
-            cfg = make(f"{group}={option}")
-            validate(cfg)
+            overrides = [f"{group}={option}", *stage_outputs.get(option, [])]
+            validate(make(*overrides), overrides)
+
+
+def test_the_ppo_preset_names_the_missing_reward_model_of_stage_2():
+    with pytest.raises(ConfigError, match=r"task.reward=runs/rlhf/rm/final: no such directory"):
+        validate(make("experiment=rlhf_ppo"))
+
+
+def saved_reward_model(root: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from soup.models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    return root / "rm"
 
 
 @pytest.mark.parametrize(

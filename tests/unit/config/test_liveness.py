@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
-from soup.config.schema import (GROUP_SCHEMAS, GRPOTaskConfig, PreferenceTaskConfig, PRMTaskConfig,
+from soup.config.schema import (GROUP_SCHEMAS, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig, PRMTaskConfig,
                                 RewardModelTaskConfig, SoupConfig, TrainConfig)
 from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
 from soup.errors import ConfigError, SoupError
@@ -49,6 +49,10 @@ SFT_FILE, TEXT_FILE, DUAL_FILE = "{sft_file}", "{text_file}", "{dual_file}"
 GRPO = ["task=grpo", "task.reward=[{len_reward}]", "task.num_generations=2", "task.max_completion_length=8",
         "train.micro_batch_size=2"]
 GRPO_MU2 = [*GRPO, "task.num_iterations=2", "optim.lr=1e-2"]  # the second pass sees a ratio away from 1
+# PPO with one step per rollout batch: the second rollout comes from a policy that moved from the reference.
+PPO = ["task=ppo", "task.reward=[{len_reward}]", "task.max_completion_length=8", "train.micro_batch_size=2",
+       "task.ppo_epochs=1"]
+PPO_TWICE = [*PPO, "task.ppo_epochs=2", "optim.lr=1e-2"]  # the second step sees models that moved: clips act
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -61,6 +65,20 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.beta": (["task=dpo"], ["task.beta=0.5"]),
     "task.kl_in_reward": ([*GRPO, "task=rloo", "task.beta=0.5"], ["task.kl_in_reward=false"]),
     "task.center_rewards_coefficient": (["task=reward_model"], ["task.center_rewards_coefficient=0.5"]),
+    "task.value_init": ([*PPO, "task.reward=[{rm}]"], ["task.value_init=policy"]),
+    "task.kl_coef": (PPO, ["task.kl_coef=0.5"]),
+    "task.kl_estimator": (PPO, ["task.kl_estimator=k3"]),
+    "task.target_kl": (PPO, ["task.target_kl=0.01"]),
+    "task.kl_horizon": ([*PPO, "task.target_kl=0.01"], ["task.kl_horizon=10"]),
+    "task.missing_eos_penalty": (PPO, ["task.missing_eos_penalty=1.0"]),
+    "task.whiten_rewards": (PPO, ["task.whiten_rewards=true"]),
+    "task.gamma": (PPO, ["task.gamma=0.5"]),
+    "task.lam": (PPO, ["task.lam=0.5"]),
+    "task.cliprange": (PPO_TWICE, ["task.cliprange=0.01"]),
+    "task.cliprange_value": (PPO_TWICE, ["task.cliprange_value=0.001"]),
+    "task.vf_coef": (PPO, ["task.vf_coef=1.0"]),
+    "task.ppo_epochs": (PPO, ["task.ppo_epochs=2"]),
+    "task.num_mini_batches": ([*PPO, "train.grad_accum_steps=2"], ["task.num_mini_batches=2"]),
     "task.step_separator": (["task=prm"], ["task.step_separator=' ;'"]),
     "task.train_on_last_step_only": (["task=prm"], ["task.train_on_last_step_only=true"]),
     "task.beta_schedule": (["task=dpo"], ["task.beta_schedule=linear", "task.beta_end=2.0"]),
@@ -248,7 +266,8 @@ EXEMPT = {
 NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "task.reward=[format]"],
                            ["task=grpo", "task.loss_type=rft"], ["task=dpo"],
                            ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
-                           ["task=dpo", *LORA], ["task=rloo"]]
+                           ["task=dpo", *LORA], ["task=rloo"], ["task=ppo", "task.ppo_epochs=1"],
+                           ["task=ppo", "task.kl_coef=0"]]
 
 
 def all_fields() -> dict[str, object]:
@@ -260,6 +279,7 @@ def all_fields() -> dict[str, object]:
     fields.update({path: default for path, default in leaf_fields(GRPOTaskConfig, "task.").items() if path not in fields})
     fields.update(leaf_fields(RewardModelTaskConfig, "task."))
     fields.update(leaf_fields(PRMTaskConfig, "task."))
+    fields.update({path: default for path, default in leaf_fields(PPOTaskConfig, "task.").items() if path not in fields})
     fields.update(leaf_fields(TrainConfig, "train."))
     return fields
 
@@ -367,6 +387,12 @@ def paths(tmp_path_factory):
                             "AutoModelForCausalLM": "modeling_probe.ProbeForCausalLM"})
     (remote / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(remote)
+    # A reward model that shares the byte tokenizer: task=ppo's value model can start from it.
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(2)
+    LlamaForSequenceClassification(LlamaConfig(**arch, num_labels=1)).save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
     # The byte tokenizer with two more special tokens: a larger vocabulary, so a larger model.
     bigger = build_byte_tokenizer()
     bigger.add_special_tokens({"additional_special_tokens": ["<|probe_a|>", "<|probe_b|>"]})
@@ -388,7 +414,7 @@ def paths(tmp_path_factory):
     (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions))
     return {"questions_file": root / "questions.jsonl","hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
             "sft_file": root / "sft.jsonl", "text_file": root / "text.jsonl", "dual_file": root / "dual.jsonl",
-            "len_reward": root / "len_reward.py",
+            "len_reward": root / "len_reward.py", "rm": root / "rm",
             "root": root}
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from soup.data.formats import detect_format, to_messages, to_text, tools_of
+from soup.data.formats import detect_format, prompt_and_completion, to_messages, to_text, tools_of
 from soup.data.readers import Row
 from soup.errors import DataError
 
@@ -30,6 +30,7 @@ TOOL_ROW = {
     (SHAREGPT_ROW, "sharegpt"),
     ({"text": "a document"}, "plaintext"),
     (TOOL_ROW, "tool_calling"),
+    ({"prompt": "Q:", "completion": " A"}, "prompt_completion"),
 ])
 def test_detect_format_from_the_first_rows_keys(record, expected):
     assert detect_format(rows_of(record)) == expected
@@ -169,3 +170,19 @@ def test_preference_rows_given_to_sft_name_the_task_that_reads_them(record, task
     with pytest.raises(DataError, match="these are preference rows") as info:
         detect_format(rows_of(record))
     assert task in str(info.value)
+
+
+def test_prompt_completion_rows_and_preference_rows_read_as_their_chosen_reply():
+    assert prompt_and_completion(rows_of({"prompt": "Q:", "completion": " A"})[0]) == ("Q:", " A")
+    assert prompt_and_completion(rows_of({"prompt": "Q:", "chosen": " yes", "rejected": " no"})[0]) == ("Q:", " yes")
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"prompt": "Q:", "completion": ["a"]}, "field 'completion' must be a string"),
+    ({"prompt": "Q:", "completion": ""}, "field 'completion' is empty"),
+    ({"prompt": "Q:"}, "completion"),
+])
+def test_a_bad_prompt_completion_row_names_its_line(record, says):
+    with pytest.raises(DataError, match="d.jsonl:2") as info:
+        prompt_and_completion(rows_of({"prompt": "ok", "completion": "ok"}, record)[1])
+    assert says in str(info.value)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from soup.data.templates import CHATML, LLAMA3
-from soup.data.tokenize import IGNORE_INDEX, tokenize_chat, tokenize_text
+from soup.data.tokenize import IGNORE_INDEX, tokenize_chat, tokenize_prompt_completion, tokenize_text
 from soup.errors import ConfigError
 from tests.conftest import require_shared
 
@@ -112,3 +112,13 @@ def test_real_sentencepiece_tokenizer_masks_exactly_with_the_chatml_preset():
     assert runs == ["The cat sat on the mat.<|im_end|>\n", "Once upon a time it slept.<|im_end|>\n"]
     trained = tokenizer.decode([t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX])
     assert "cat sat" in trained and "Tell me" not in trained and "And then" not in trained
+
+
+def test_prompt_completion_is_bos_prompt_then_reply_eos_with_labels_on_the_reply(byte_tokenizer):
+    tok = byte_tokenizer
+    ids, labels = tokenize_prompt_completion("Q:", " A", tok, train_on_responses_only=True)
+    prompt = [tok.bos_token_id, *tok("Q:", add_special_tokens=False)["input_ids"]]
+    reply = [*tok(" A", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert ids == prompt + reply
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply
+    assert tokenize_prompt_completion("Q:", " A", tok, train_on_responses_only=False)[1] == ids
