@@ -44,13 +44,17 @@ def run_cli(*overrides: str, cwd: Path = REPO_ROOT, timeout: float = 300, check:
 def run_in_process(run_dir: Path, overrides: list[str]):
     """Compose the real config with `overrides` and run soup.train.run into `run_dir`, in this
     process (seconds faster than run_cli); returns the run's objective."""
-    from hydra import compose, initialize_config_dir
-
     from soup.train import run
 
+    return run(compose_config(overrides), run_dir, list(overrides))
+
+
+def compose_config(overrides: list[str]):
+    """The run config `overrides` compose to, as `python -m soup.train <overrides>` would build it."""
+    from hydra import compose, initialize_config_dir
+
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return run(cfg, run_dir, list(overrides))
+        return compose(config_name="config", overrides=list(overrides))
 
 
 # Optional packages the suite may meet missing (an install without the `dev` extra).

@@ -2,22 +2,21 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from soup.models.load import apply_peft, build_model
 from soup.models.tokenizer import build_byte_tokenizer
-from tests.conftest import run_cli, run_in_process
+from tests.conftest import compose_config, run_in_process
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "rslora", "vera", "olora", "pissa"])
 def test_variant_adapter_reloads_to_the_trained_logits(variant, tmp_path):
-    run_cli("debug=tiny", f"peft={variant}", "optim.lr=1e-2", "train.max_steps=4", "train.save_every_steps=4",
-            f"hydra.run.dir={tmp_path}")
-    cfg = OmegaConf.load(tmp_path / ".hydra" / "config.yaml")
+    overrides = ["debug=tiny", f"peft={variant}", "optim.lr=1e-2", "train.max_steps=4", "train.save_every_steps=4"]
+    run_in_process(tmp_path, overrides)
+    cfg = compose_config(overrides)
     tokenizer = build_byte_tokenizer()
     ids = torch.tensor([tokenizer("<|im_start|>user\nAdd 3 and 4.<|im_end|>\n")["input_ids"]])
 
@@ -36,7 +35,7 @@ def test_variant_adapter_reloads_to_the_trained_logits(variant, tmp_path):
 
 
 def test_lora_on_unfrozen_layers_only(tmp_path):
-    run_cli("debug=tiny", "peft=lora", "peft.freeze_layers=1", f"hydra.run.dir={tmp_path}")
+    run_in_process(tmp_path, ["debug=tiny", "peft=lora", "peft.freeze_layers=1"])
     adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
     assert adapter and all(".layers.1." in name for name in adapter)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import require_shared, run_cli, run_in_process
+from tests.conftest import require_shared, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +18,12 @@ def test_stories260k_simpo_improves_its_held_out_reward_accuracy(tmp_path):
     # ranking (0.43 here) rather than 0; it must improve on that.
     model = require_shared("models/stories260k")
     data = require_shared("data/preference/llamafactory_dpo_en_demo.single_turn.jsonl")
-    run_cli("task=simpo", "model=hf", f"model.path={model}", "data=file", f"data.train_file={data}",
-            "data.val_split=0.25", "data.max_length=256", "data.max_prompt_length=96",
-            "data.max_completion_length=160", "train.micro_batch_size=8", "train.grad_accum_steps=1",
-            "train.max_steps=20", "train.eval_every_steps=10", "train.eval_at_start=true",
-            "train.save_every_steps=0", "optim.lr=1e-3", f"hydra.run.dir={tmp_path}", timeout=240)
+    run_in_process(tmp_path, ["task=simpo", "model=hf", f"model.path={model}", "data=file", f"data.train_file={data}",
+                              "data.val_split=0.25", "data.max_length=256", "data.max_prompt_length=96",
+                              "data.max_completion_length=160", "train.micro_batch_size=8",
+                              "train.grad_accum_steps=1", "train.max_steps=20", "train.eval_every_steps=10",
+                              "train.eval_at_start=true", "train.save_every_steps=0", "optim.lr=1e-3",
+                              "train.progress_bar=false"])
     history = evals(tmp_path)
     assert history[-1]["rewards/accuracies"] > history[0]["rewards/accuracies"]
 
@@ -34,7 +35,7 @@ def evals(run_dir):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_each_preference_task_trains_the_tiny_model(task, tmp_path):
-    run_cli(f"task={task}", "debug=tiny", f"hydra.run.dir={tmp_path}")
+    run_in_process(tmp_path, [f"task={task}", "debug=tiny"])
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["stats"]["status"] == "finished"
     last = evals(tmp_path)[-1]
@@ -44,15 +45,14 @@ def test_each_preference_task_trains_the_tiny_model(task, tmp_path):
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
-def test_weighted_mix_and_precomputed_reference_with_lora(tmp_path):
-    run_cli("task=preference", "task.preference_loss_weights={dpo:0.7,bco:0.3}", "peft=lora",
-            "task.reference=precomputed", f"task.ref_cache_dir={tmp_path / 'cache'}", "debug=tiny",
-            f"hydra.run.dir={tmp_path / 'run'}")
+def test_weighted_mix_and_precomputed_reference_with_lora(tmp_path, capsys):
+    overrides = ["task=preference", "task.preference_loss_weights={dpo:0.7,bco:0.3}", "peft=lora",
+                 "task.reference=precomputed", f"task.ref_cache_dir={tmp_path / 'cache'}", "debug=tiny"]
+    run_in_process(tmp_path / "run", overrides)
     assert list((tmp_path / "cache").glob("*.pt")), "the reference log-probs were not cached"
-    second = run_cli("task=preference", "task.preference_loss_weights={dpo:0.7,bco:0.3}", "peft=lora",
-                     "task.reference=precomputed", f"task.ref_cache_dir={tmp_path / 'cache'}", "debug=tiny",
-                     f"hydra.run.dir={tmp_path / 'run2'}")
-    assert "cache;" in second.stdout  # the second run reused the first run's pass
+    capsys.readouterr()
+    run_in_process(tmp_path / "run2", overrides)
+    assert "cache;" in capsys.readouterr().out  # the second run reused the first run's pass
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
 
 
@@ -62,11 +62,12 @@ def test_weighted_mix_and_precomputed_reference_with_lora(tmp_path):
 def test_stories260k_held_out_reward_accuracy_rises_above_half(task, extra, tmp_path):
     model = require_shared("models/stories260k")
     data = require_shared("data/preference/llamafactory_dpo_en_demo.single_turn.jsonl")
-    run_cli(f"task={task}", "model=hf", f"model.path={model}", "data=file", f"data.train_file={data}",
-            "data.val_split=0.25", "data.max_length=256", "data.max_prompt_length=96",
-            "data.max_completion_length=160", "train.micro_batch_size=8", "train.grad_accum_steps=1",
-            "train.max_steps=30", "train.eval_every_steps=10", "train.eval_at_start=true",
-            "train.save_every_steps=0", "optim.lr=1e-3", *extra, f"hydra.run.dir={tmp_path}", timeout=240)
+    run_in_process(tmp_path, [f"task={task}", "model=hf", f"model.path={model}", "data=file",
+                              f"data.train_file={data}", "data.val_split=0.25", "data.max_length=256",
+                              "data.max_prompt_length=96", "data.max_completion_length=160",
+                              "train.micro_batch_size=8", "train.grad_accum_steps=1", "train.max_steps=30",
+                              "train.eval_every_steps=10", "train.eval_at_start=true", "train.save_every_steps=0",
+                              "optim.lr=1e-3", "train.progress_bar=false", *extra])
     history = evals(tmp_path)
     accuracies = [(e["step"], e["rewards/accuracies"]) for e in history]
     assert history[0]["step"] == 0

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from soup.config.schema import ModelConfig
 from soup.models.load import build_model, build_tokenizer
-from tests.conftest import require_shared, run_cli
+from tests.conftest import require_shared, run_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
@@ -38,11 +38,11 @@ def test_stories260k_loads_through_model_hf_and_continues_as_documented():
 def test_sft_on_real_instructions_lowers_stories260k_validation_loss(tmp_path):
     model = require_shared("models/stories260k")
     data = require_shared("data/sft/self_instruct_seed_tasks.alpaca.jsonl")
-    run_cli("model=hf", f"model.path={model}", "data=file", f"data.train_file={data}",
-            "data.chat_template=chatml", "data.max_length=256", "data.overlong=drop", "data.val_split=0.2",
-            "train.max_steps=30", "train.micro_batch_size=8", "train.grad_accum_steps=1",
-            "train.eval_every_steps=15", "train.eval_at_start=true", "train.save_every_steps=0",
-            "optim.lr=2e-3", "train.progress_bar=false", f"hydra.run.dir={tmp_path}")
+    run_in_process(tmp_path, ["model=hf", f"model.path={model}", "data=file", f"data.train_file={data}",
+                              "data.chat_template=chatml", "data.max_length=256", "data.overlong=drop",
+                              "data.val_split=0.2", "train.max_steps=30", "train.micro_batch_size=8",
+                              "train.grad_accum_steps=1", "train.eval_every_steps=15", "train.eval_at_start=true",
+                              "train.save_every_steps=0", "optim.lr=2e-3", "train.progress_bar=false"])
     evals = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if m["split"] == "eval"]
     assert [e["step"] for e in evals] == [0, 15, 30]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.3, evals

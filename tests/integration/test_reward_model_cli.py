@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_final_loads_as_a_sequence_classifier_and_serves_as_a_grpo_reward(tmp_pa
 
     from soup.rewards.reward_model import load_reward_model
 
-    run_cli("task=reward_model", "debug=tiny", "train.max_steps=6", f"hydra.run.dir={tmp_path}")
+    run_in_process(tmp_path, ["task=reward_model", "debug=tiny", "train.max_steps=6"])
     last = evals(tmp_path)[-1]
     assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected"} <= last.keys()
     final = tmp_path / "final"
