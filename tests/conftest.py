@@ -53,6 +53,9 @@ def compose_config(overrides: list[str]):
     """The run config `overrides` compose to, as `python -m soup.train <overrides>` would build it."""
     from hydra import compose, initialize_config_dir
 
+    from soup.config import register_configs
+
+    register_configs()  # the group schemas the options name
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
         return compose(config_name="config", overrides=list(overrides))
 

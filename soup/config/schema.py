@@ -203,6 +203,28 @@ class PPOTaskConfig(OnlineTaskConfig):
 
 
 @dataclass
+class TeacherConfig:
+    # A causal LM directory (or hub id) with the student's tokenizer.
+    path: Optional[str] = None
+
+
+@dataclass
+class DistillTaskConfig(TaskConfig):
+    """task=distill: the run's model (the student) learns a teacher's next-token distributions
+    on SFT rows (soup/tasks/distill.py, formulas in soup/losses/distill.py)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # forward_kl (KL(teacher || student), Hinton's) | reverse_kl | generalized_jsd (GKD).
+    divergence: str = "forward_kl"
+    # generalized_jsd's mixture weight: 0 is forward KL, 1 reverse KL, 0.5 the symmetric JSD.
+    jsd_beta: float = 0.5
+    # Both distributions are softmax(logits / temperature); the divergence is scaled by T^2 (Hinton et al.).
+    temperature: float = 1.0
+    # Weight of the divergence; 1 - alpha weighs the student's cross-entropy on the data's tokens.
+    alpha: float = 0.5
+
+
+@dataclass
 class TinyArchConfig:
     """Shape of the Llama-architecture model that `model=tiny` builds from scratch."""
 
@@ -539,3 +561,4 @@ def register_configs() -> None:
     cs.store(group="task", name="reward_model_schema", node=RewardModelTaskConfig)
     cs.store(group="task", name="prm_schema", node=PRMTaskConfig)
     cs.store(group="task", name="ppo_schema", node=PPOTaskConfig)
+    cs.store(group="task", name="distill_schema", node=DistillTaskConfig)

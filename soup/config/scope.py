@@ -28,7 +28,8 @@ from soup.config.schema import GROUP_SCHEMAS, SoupConfig
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TOKEN_TASKS = ("sft", "pretrain")
-TEMPLATED_TASKS = ("sft", "grpo", "rloo", "ppo", "reward_model", *PREFERENCE_TASKS)
+TEMPLATED_TASKS = ("sft", "distill", "grpo", "rloo", "ppo", "reward_model", *PREFERENCE_TASKS)
+SFT_ROW_TASKS = ("sft", "distill")  # tasks that read SFT rows
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -165,6 +166,7 @@ RESUMED_RUN = Scope(lambda cfg: cfg.resume is not None, "resume=auto or resume=<
 
 def _build_scopes() -> dict[str, Scope]:
     token_task = choice("task.name", *TOKEN_TASKS)
+    token_rows = choice("task.name", *TOKEN_TASKS, "distill")  # tasks that train on token rows
     preference = choice("task.name", *PREFERENCE_TASKS, "reward_model")  # tasks that read preference pairs
     scopes = {
         "overwrite": FRESH_RUN,
@@ -176,16 +178,17 @@ def _build_scopes() -> dict[str, Scope]:
                                          lambda c: "model.name=tiny with its built-in tokenizer"),
         # data
         "data.train_file": choice("data.name", "file"),
-        "data.format": token_task,  # preference rows are recognised by their fields
+        "data.format": token_rows,  # preference rows are recognised by their fields
         # prompt_completion rows are plain text: no template renders them
         "data.chat_template": Scope(
-            lambda c: c.task.name in TEMPLATED_TASKS and not (c.task.name == "sft" and c.data.format == "prompt_completion"),
-            f"task={'|'.join(TEMPLATED_TASKS)} (sft with a chat format)",
-            lambda c: "data.format=prompt_completion" if c.task.name == "sft" else f"task={c.task.name}"),
-        "data.train_on_responses_only": choice("task.name", "sft"),
+            lambda c: c.task.name in TEMPLATED_TASKS and not (c.task.name in SFT_ROW_TASKS
+                                                              and c.data.format == "prompt_completion"),
+            f"task={'|'.join(TEMPLATED_TASKS)} (sft and distill with a chat format)",
+            lambda c: "data.format=prompt_completion" if c.task.name in SFT_ROW_TASKS else f"task={c.task.name}"),
+        "data.train_on_responses_only": choice("task.name", *SFT_ROW_TASKS),
         "data.text_field": choice("task.name", "pretrain"),
-        "data.packing": token_task,
-        "data.multipack": token_task,
+        "data.packing": token_rows,
+        "data.multipack": token_rows,
         "data.packing_cross_doc_attn_mask": flag_on("data.packing"),
         "data.multipack_layout": flag_on("data.multipack"),
         "data.multipack_max_items_per_bin": flag_on("data.multipack"),
@@ -244,6 +247,8 @@ def _build_scopes() -> dict[str, Scope]:
                                      lambda c: f"task.reward={list(c.task.reward)}"),
         "task.answer_column": Scope(lambda c: bool({"accuracy", "math"} & set(c.task.reward)),
                                     "task.reward with accuracy or math", lambda c: f"task.reward={list(c.task.reward)}"),
+        # task=distill
+        "task.jsd_beta": choice("task.divergence", "generalized_jsd"),
         # task=ppo
         "task.kl_estimator": PPO_KL,
         "task.target_kl": PPO_KL,

@@ -18,7 +18,7 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm", "distill")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -108,6 +108,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_online(cfg, need)
     if cfg.task.name == "ppo":
         _check_ppo(cfg, need)
+    if cfg.task.name == "distill":
+        _check_distill(cfg, need)
     if cfg.parallelism.name != "single":
         _check_ranks(cfg, need)
     _check_model(cfg, need)
@@ -431,6 +433,21 @@ def _check_online(cfg: DictConfig, need) -> None:
         need(weights is None or (OmegaConf.is_list(weights) and len(weights) == len(rewards)),
              f"{one}: task.reward_weights needs one weight per reward ({len(rewards)}), e.g. "
              f"[{','.join(['1.0'] * len(rewards))}].")
+
+
+def _check_distill(cfg: DictConfig, need) -> None:
+    from soup.losses.distill import DIVERGENCES
+
+    task = cfg.task
+    need(task.teacher.path is not None, "task=distill needs a teacher: set task.teacher.path to a causal LM directory "
+                                        "that uses the student's tokenizer (e.g. ../shared/models/stories260k with "
+                                        "model.tokenizer_path=../shared/models/stories260k).")
+    need(task.divergence in DIVERGENCES, f"task=distill: task.divergence={task.divergence!r}; valid: "
+                                         f"{', '.join(DIVERGENCES)}.")
+    need(0 <= task.jsd_beta <= 1, f"task=distill: task.jsd_beta must be in [0, 1] (got {task.jsd_beta}).")
+    need(0 <= task.alpha <= 1, f"task=distill: task.alpha must be in [0, 1]: the divergence's weight, 1 - alpha "
+                               f"the cross-entropy's (got {task.alpha}).")
+    need(task.temperature > 0, f"task=distill: task.temperature must be > 0 (got {task.temperature}).")
 
 
 def _check_ppo(cfg: DictConfig, need) -> None:

@@ -30,9 +30,10 @@ from soup.errors import ConfigError, DataError
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PKG_PREFIX = "pkg://"
-DEMO_FILES = {"sft": "pkg://demo/sft.jsonl", "pretrain": "pkg://demo/pretrain.jsonl",
+DEMO_FILES = {"sft": "pkg://demo/sft.jsonl", "distill": "pkg://demo/sft.jsonl", "pretrain": "pkg://demo/pretrain.jsonl",
               "preference": "pkg://demo/preference.jsonl", "grpo": "pkg://demo/grpo.jsonl", "prm": "pkg://demo/prm.jsonl"}
 TASK_FORMATS = {"sft": (*CHAT_FORMATS, "prompt_completion"), "pretrain": ("plaintext",)}
+TASK_FORMATS["distill"] = TASK_FORMATS["sft"]  # the student learns on SFT rows
 OVERLONG_POLICIES = ("truncate", "drop", "truncate_or_drop")
 
 
@@ -106,7 +107,7 @@ def build_datasets(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, task_name:
     train_path = resolve_data_path(train_value, "data.train_file")
     train_rows = read_rows(train_path, max_rows=data_cfg.max_rows, text_field=data_cfg.text_field)
     fmt = _task_format(train_rows, data_cfg, task_name)
-    templated = task_name == "sft" and fmt in CHAT_FORMATS
+    templated = task_name in ("sft", "distill") and fmt in CHAT_FORMATS
     template = resolve_template(data_cfg.chat_template, tokenizer.chat_template) if templated else None
 
     held_out = 0

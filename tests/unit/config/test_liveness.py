@@ -28,7 +28,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
-from soup.config.schema import (GROUP_SCHEMAS, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig, PRMTaskConfig,
+from soup.config.schema import (GROUP_SCHEMAS, DistillTaskConfig, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig,
+                                PRMTaskConfig,
                                 RewardModelTaskConfig, SoupConfig, TrainConfig)
 from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
 from soup.errors import ConfigError, SoupError
@@ -53,6 +54,7 @@ GRPO_MU2 = [*GRPO, "task.num_iterations=2", "optim.lr=1e-2"]  # the second pass 
 PPO = ["task=ppo", "task.reward=[{len_reward}]", "task.max_completion_length=8", "train.micro_batch_size=2",
        "task.ppo_epochs=1"]
 PPO_TWICE = [*PPO, "task.ppo_epochs=2", "optim.lr=1e-2"]  # the second step sees models that moved: clips act
+DISTILL = ["task=distill", f"task.teacher.path={HF}"]  # the {hf} model shares model=tiny's byte tokenizer
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -66,6 +68,10 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.kl_in_reward": ([*GRPO, "task=rloo", "task.beta=0.5"], ["task.kl_in_reward=false"]),
     "task.center_rewards_coefficient": (["task=reward_model"], ["task.center_rewards_coefficient=0.5"]),
     "task.value_init": ([*PPO, "task.reward=[{rm}]"], ["task.value_init=policy"]),
+    "task.teacher.path": (DISTILL, [f"task.teacher.path={HF_OTHER}"]),
+    "task.divergence": (DISTILL, ["task.divergence=reverse_kl"]),
+    "task.jsd_beta": ([*DISTILL, "task.divergence=generalized_jsd"], ["task.jsd_beta=0.1"]),
+    "task.alpha": (DISTILL, ["task.alpha=0.9"]),
     "task.kl_coef": (PPO, ["task.kl_coef=0.5"]),
     "task.kl_estimator": (PPO, ["task.kl_estimator=k3"]),
     "task.target_kl": (PPO, ["task.target_kl=0.01"]),
@@ -267,7 +273,7 @@ NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "ta
                            ["task=grpo", "task.loss_type=rft"], ["task=dpo"],
                            ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
                            ["task=dpo", *LORA], ["task=rloo"], ["task=ppo", "task.ppo_epochs=1"],
-                           ["task=ppo", "task.kl_coef=0"]]
+                           ["task=ppo", "task.kl_coef=0"], ["task=distill"]]
 
 
 def all_fields() -> dict[str, object]:
@@ -280,6 +286,8 @@ def all_fields() -> dict[str, object]:
     fields.update(leaf_fields(RewardModelTaskConfig, "task."))
     fields.update(leaf_fields(PRMTaskConfig, "task."))
     fields.update({path: default for path, default in leaf_fields(PPOTaskConfig, "task.").items() if path not in fields})
+    fields.update({path: default for path, default in leaf_fields(DistillTaskConfig, "task.").items()
+                   if path not in fields})
     fields.update(leaf_fields(TrainConfig, "train."))
     return fields
 
