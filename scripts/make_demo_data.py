@@ -146,6 +146,22 @@ def prm_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+def classifier_rows(rng: random.Random) -> list[dict]:
+    """Three-way sentiment of templated one-line reviews (task=classifier): the adjective decides
+    the label (positive, negative or neutral), the subject and the frame are noise."""
+    words = {"positive": ["great", "lovely", "excellent", "wonderful", "superb"],
+             "negative": ["awful", "terrible", "dreadful", "horrible", "poor"],
+             "neutral": ["average", "ordinary", "fine", "plain", "standard"]}
+    subjects = ["soup", "hotel", "film", "book", "train ride", "concert", "coffee", "game", "phone", "walk"]
+    frames = ["The {s} was {w}.", "I found the {s} {w}.", "What a {w} {s}!", "Honestly, the {s} felt {w}."]
+    rows = []
+    for _ in range(240):
+        label = rng.choice(sorted(words))
+        text = rng.choice(frames).format(s=rng.choice(subjects), w=rng.choice(words[label]))
+        rows.append({"text": text, "label": label})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict], max_row_bytes: int = MAX_ROW_BYTES) -> None:
     lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
     too_long = [line for line in lines if len(line.encode()) > max_row_bytes]
@@ -161,6 +177,7 @@ def main() -> None:
     write_jsonl(OUT_DIR / "preference.jsonl", preference_rows(random.Random(2)), max_row_bytes=320)
     write_jsonl(OUT_DIR / "grpo.jsonl", prompt_rows(random.Random(3)))
     write_jsonl(OUT_DIR / "prm.jsonl", prm_rows(random.Random(4)))
+    write_jsonl(OUT_DIR / "classifier.jsonl", classifier_rows(random.Random(5)))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,15 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
     A soup run that trained with model.trust_remote_code=true merges with it too."""
     from omegaconf import OmegaConf
 
-    from soup.models.load import HEADS
+    from soup.models.load import head_spec
 
-    # The adapter's own record of the head it trained (a reward model's score, ...).
+    # The adapter's own record of the head it trained (a reward model's score, ...), sized as saved:
+    # a classifier's head has one row per class.
     task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
     head = {"SEQ_CLS": "sequence_score", "TOKEN_CLS": "token_classes"}.get(task_type, "causal_lm")
-    head_class, head_config = HEADS[head]
+    if head == "sequence_score" and saved_head_rows(adapter_dir) not in (None, 1):
+        head = ("sequence_score", {"num_labels": saved_head_rows(adapter_dir)})
+    head_class, head_config = head_spec(head)
     run_config = adapter_dir.parent / ".hydra" / "config.yaml"
     run_cfg = OmegaConf.load(run_config) if run_config.exists() else None
     trust_remote_code = trust_remote_code or bool(run_cfg is not None and run_cfg.model.get("trust_remote_code"))
@@ -57,6 +60,20 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
     from soup.models.load import build_model, build_tokenizer
 
     return build_model(run_cfg.model, build_tokenizer(run_cfg.model), run_cfg.seed, head)
+
+
+def saved_head_rows(adapter_dir: Path) -> int | None:
+    """Rows of the score head an adapter directory saved beside its adapters (None: none saved)."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return None
+    with safe_open(str(weights), framework="pt") as saved:
+        for key in saved.keys():
+            if key.endswith("score.weight"):
+                return saved.get_slice(key).get_shape()[0]
+    return None
 
 
 def _checked_base(base: str, origin: str) -> str:

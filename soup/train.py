@@ -46,7 +46,7 @@ from soup.models.adapters import save_final_adapter, save_initial_adapter
 from soup.models.files import model_source
 from soup.models.neftune import add_neftune
 from soup.models.quant import BNB_QUANTS, load_quantized, prepare_for_adapters, quantize_built_model
-from soup.models.load import HEADS, apply_peft, build_model, build_tokenizer, count_parameters, load_kwargs
+from soup.models.load import apply_peft, build_model, build_tokenizer, count_parameters, head_spec, load_kwargs
 from soup.precision import describe_precision, resolve_precision
 from soup.run_dir import finished_record, objective_of, prepare_fresh_run_dir
 from soup.tasks import build_task
@@ -147,7 +147,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     if cfg.quant.name in BNB_QUANTS:
         # Quantised weights are placed on the device as they load; adapters train on top.
         if cfg.model.name == "hf":
-            head_class, head_config = HEADS[task.model_head]
+            head_class, head_config = head_spec(task.model_head)
             model = load_quantized(model_source(cfg.model.path, needs_tokenizer=False), cfg.quant, device,
                                    model_class=head_class, **head_config, **load_kwargs(cfg.model))
         else:

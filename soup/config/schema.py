@@ -203,6 +203,21 @@ class PPOTaskConfig(OnlineTaskConfig):
 
 
 @dataclass
+class ClassifierTaskConfig(TaskConfig):
+    """task=classifier: sequence classification, regression or cross-encoder scoring with a score
+    head (soup/tasks/classifier.py, rows in soup/data/classification.py)."""
+
+    # The text, the optional second text of a pair (a reranker's document), and the label.
+    text_column: str = "text"
+    pair_column: Optional[str] = None
+    label_column: str = "label"
+    # null: counted from the train labels; 1: a regression on float labels.
+    num_labels: Optional[int] = None
+    # null (every row weighs 1), balanced (rows / (classes x rows of the class)), or one weight per class.
+    class_weights: Any = None
+
+
+@dataclass
 class TeacherConfig:
     # A causal LM directory (or hub id) with the student's tokenizer.
     path: Optional[str] = None
@@ -562,3 +577,4 @@ def register_configs() -> None:
     cs.store(group="task", name="prm_schema", node=PRMTaskConfig)
     cs.store(group="task", name="ppo_schema", node=PPOTaskConfig)
     cs.store(group="task", name="distill_schema", node=DistillTaskConfig)
+    cs.store(group="task", name="classifier_schema", node=ClassifierTaskConfig)

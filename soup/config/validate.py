@@ -18,7 +18,7 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm", "distill")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm", "distill", "classifier")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -110,6 +110,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_ppo(cfg, need)
     if cfg.task.name == "distill":
         _check_distill(cfg, need)
+    if cfg.task.name == "classifier":
+        _check_classifier(cfg, need)
     if cfg.parallelism.name != "single":
         _check_ranks(cfg, need)
     _check_model(cfg, need)
@@ -433,6 +435,20 @@ def _check_online(cfg: DictConfig, need) -> None:
         need(weights is None or (OmegaConf.is_list(weights) and len(weights) == len(rewards)),
              f"{one}: task.reward_weights needs one weight per reward ({len(rewards)}), e.g. "
              f"[{','.join(['1.0'] * len(rewards))}].")
+
+
+def _check_classifier(cfg: DictConfig, need) -> None:
+    task = cfg.task
+    need(task.num_labels is None or task.num_labels >= 1, f"task=classifier: task.num_labels must be >= 1 (1: a "
+                                                          f"regression) or null (counted from the data); got "
+                                                          f"{task.num_labels}.")
+    weights = task.class_weights
+    need(weights is None or weights == "balanced" or (
+        OmegaConf.is_list(weights) and all(isinstance(w, (int, float)) and w > 0 for w in weights)),
+        "task=classifier: task.class_weights must be null, balanced, or a list of positive weights, one per "
+        "class in sorted order of the class names, e.g. task.class_weights=[1.0,2.0,1.0].")
+    need(task.pair_column != task.text_column, "task=classifier: task.pair_column names the same column as "
+                                               "task.text_column; a pair needs two texts.")
 
 
 def _check_distill(cfg: DictConfig, need) -> None:

@@ -31,6 +31,16 @@ HEADS = {
 }
 
 
+def head_spec(head) -> tuple[type, dict]:
+    """(auto class, config kwargs) of a task's head: a HEADS name, or (name, extra config kwargs)
+    when the task sizes the head from its data (task=classifier: num_labels, the class names)."""
+    if isinstance(head, str):
+        return HEADS[head]
+    name, extra = head
+    auto_class, config = HEADS[name]
+    return auto_class, {**config, **extra}
+
+
 def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
     """The run's tokenizer. The first thing a run loads, so it checks the model folder too."""
     if model_cfg.name == "hf":
@@ -53,7 +63,7 @@ def load_kwargs(model_cfg: DictConfig) -> dict:
 
 def build_model(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                 head: str = "causal_lm") -> PreTrainedModel:
-    auto_class, head_config = HEADS[head]
+    auto_class, head_config = head_spec(head)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.name == "tiny":
         arch = model_cfg.tiny

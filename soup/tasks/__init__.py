@@ -6,6 +6,7 @@ A task knows its batch shape and loss; it knows nothing of optimisers or the loo
 from __future__ import annotations
 
 from soup.tasks.base import Task, TaskOutput
+from soup.tasks.classifier import ClassifierTask
 from soup.tasks.distill import DistillTask
 from soup.tasks.grpo import GRPOTask
 from soup.tasks.preference import PreferenceTask
@@ -18,7 +19,7 @@ from soup.tasks.sft import SFTTask
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask, "grpo": GRPOTask,
                                 "rloo": GRPOTask, "reward_model": RewardModelTask, "prm": PRMTask,
-                                "ppo": PPOTask, "distill": DistillTask,
+                                "ppo": PPOTask, "distill": DistillTask, "classifier": ClassifierTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 
@@ -32,5 +33,5 @@ def build_task(cfg, tokenizer) -> Task:
     return task_class(cfg.task)
 
 
-__all__ = ["PREFERENCE_TASKS", "TASKS", "DistillTask", "GRPOTask", "PPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
+__all__ = ["PREFERENCE_TASKS", "TASKS", "ClassifierTask", "DistillTask", "GRPOTask", "PPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
            "build_task"]

@@ -47,6 +47,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
     corpus.write_text("".join(f"Document {i}: the cat sat on mat number {i}.\n" for i in range(40)))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i} twice."}) + "\n" for i in range(20)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "document": "d" * (i % 5 + 1), "score": (i % 5) / 4})
+                             + "\n" for i in range(20)))
     reward = tmp_path / "my_reward.py"
     reward.write_text("def reward_fn(completions, **columns):\n    return [len(c) / 10 for c in completions]\n")
     runs: list[Path] = []      # run directories of earlier commands, in order
@@ -56,6 +59,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     PLACEHOLDERS = {
         "corpus.txt": lambda: str(corpus),
         "prompts.jsonl": lambda: str(prompts),
+        "pairs.jsonl": lambda: str(pairs),
         "my_reward.py": lambda: str(reward),
         "outputs/2026-11-23/12-00-00": lambda: str(runs[0]),
         "outputs/<date>/<time>/final": lambda: str(adapters[-1]),

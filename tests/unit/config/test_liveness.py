@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
-from soup.config.schema import (GROUP_SCHEMAS, DistillTaskConfig, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig,
+from soup.config.schema import (GROUP_SCHEMAS, ClassifierTaskConfig, DistillTaskConfig, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig,
                                 PRMTaskConfig,
                                 RewardModelTaskConfig, SoupConfig, TrainConfig)
 from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
@@ -55,6 +55,7 @@ PPO = ["task=ppo", "task.reward=[{len_reward}]", "task.max_completion_length=8",
        "task.ppo_epochs=1"]
 PPO_TWICE = [*PPO, "task.ppo_epochs=2", "optim.lr=1e-2"]  # the second step sees models that moved: clips act
 DISTILL = ["task=distill", f"task.teacher.path={HF}"]  # the {hf} model shares model=tiny's byte tokenizer
+CLASSIFIER = ["task=classifier", "data=file", "data.train_file={cls_file}"]
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -68,6 +69,11 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.kl_in_reward": ([*GRPO, "task=rloo", "task.beta=0.5"], ["task.kl_in_reward=false"]),
     "task.center_rewards_coefficient": (["task=reward_model"], ["task.center_rewards_coefficient=0.5"]),
     "task.value_init": ([*PPO, "task.reward=[{rm}]"], ["task.value_init=policy"]),
+    "task.text_column": (CLASSIFIER, ["task.text_column=other"]),
+    "task.pair_column": (CLASSIFIER, ["task.pair_column=other"]),
+    "task.label_column": (CLASSIFIER, ["task.label_column=topic"]),
+    "task.num_labels": ([*CLASSIFIER, "task.label_column=index"], ["task.num_labels=4"]),
+    "task.class_weights": (CLASSIFIER, ["task.class_weights=[1.0,3.0]"]),
     "task.teacher.path": (DISTILL, [f"task.teacher.path={HF_OTHER}"]),
     "task.divergence": (DISTILL, ["task.divergence=reverse_kl"]),
     "task.jsd_beta": ([*DISTILL, "task.divergence=generalized_jsd"], ["task.jsd_beta=0.1"]),
@@ -288,6 +294,7 @@ def all_fields() -> dict[str, object]:
     fields.update({path: default for path, default in leaf_fields(PPOTaskConfig, "task.").items() if path not in fields})
     fields.update({path: default for path, default in leaf_fields(DistillTaskConfig, "task.").items()
                    if path not in fields})
+    fields.update(leaf_fields(ClassifierTaskConfig, "task."))
     fields.update(leaf_fields(TrainConfig, "train."))
     return fields
 
@@ -418,11 +425,14 @@ def paths(tmp_path_factory):
     (root / "dual.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dual))
     (root / "len_reward.py").write_text("def reward_fn(completions, **columns):\n"
                                         "    return [len(c) / 10 for c in completions]\n")
+    reviews = [{"text": f"Review {i}: it was {'good' if i % 2 else 'bad'}.", "other": f"Item {i * 7} of the shop.",
+                "label": "pos" if i % 2 else "neg", "index": i % 2, "topic": ["food", "film", "book"][i % 3]} for i in range(30)]
+    (root / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
     questions = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
     (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions))
     return {"questions_file": root / "questions.jsonl","hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
             "sft_file": root / "sft.jsonl", "text_file": root / "text.jsonl", "dual_file": root / "dual.jsonl",
-            "len_reward": root / "len_reward.py", "rm": root / "rm",
+            "len_reward": root / "len_reward.py", "rm": root / "rm", "cls_file": root / "cls.jsonl",
             "root": root}
 
 
