@@ -548,12 +548,27 @@ def resource_peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- report
 
 
+def ancestors() -> set[int]:
+    """This process and its parents: a wrapper such as `timeout ... dpo.py` holds the script's name too."""
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def busy_benchmarks(pattern: str = "scripts/bench/", window_s: float = 2.0) -> list[int]:
     """Other benchmark processes that are working: running a trainer (a child outside the
     benchmark's own processes) or using CPU themselves. One waiting for a quiet machine is not
-    counted, so two benchmarks waiting for each other do not wait forever."""
+    counted, so two benchmarks waiting for each other do not wait forever. This script's own
+    ancestors are left out (a `timeout` wrapper would otherwise count as another benchmark)."""
+    own = ancestors()
     found = {int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True,
-                                                text=True).stdout.split()} - {os.getpid()}
+                                                text=True).stdout.split()} - own
     cpu_before = {}
     for pid in found:
         try:
@@ -569,7 +584,7 @@ def busy_benchmarks(pattern: str = "scripts/bench/", window_s: float = 2.0) -> l
             working = process_cpu_s(pid) - before > 0.1 * window_s
         except (OSError, IndexError):
             continue  # it has exited
-        if working or children - found:
+        if working or children - found - own:
             busy.append(pid)
     return busy
 

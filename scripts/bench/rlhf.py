@@ -134,12 +134,12 @@ from sft import (  # noqa: E402  (scripts/bench is not a package)
     LoadSampler,
     machine_info,
     machine_line,
-    process_cpu_s,
     run_measured,
     soup_source,
     tail,
     wait_for_idle,
 )
+from dpo import wait_for_other_benchmarks  # noqa: E402
 
 DATA_FILE = SHARED / "data" / "preference" / "hh_rlhf_harmless_base.jsonl"
 MAX_LENGTH = 512
@@ -697,53 +697,6 @@ def _ppo_trl_child(spec: dict) -> None:
         "torch_threads": torch.get_num_threads(), "versions": versions,
         "python": sys.executable,
     }))
-
-
-def ancestors() -> set[int]:
-    """This process and its parents: a wrapper such as `timeout ... rlhf.py` holds the script's name too."""
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
-
-
-def busy_benchmarks(pattern: str = "scripts/bench/", window_s: float = 2.0) -> list[int]:
-    """dpo.py's check, leaving out this script's own ancestors: other benchmark processes that are
-    working (using CPU, or running a child that is not itself a benchmark process)."""
-    own = ancestors()
-    found = {int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True,
-                                                text=True).stdout.split()} - own
-    cpu_before = {}
-    for pid in found:
-        try:
-            cpu_before[pid] = process_cpu_s(pid)
-        except (OSError, IndexError):
-            pass
-    time.sleep(window_s)
-    busy = []
-    for pid, before in cpu_before.items():
-        children = {int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                   text=True).stdout.split()}
-        try:
-            working = process_cpu_s(pid) - before > 0.1 * window_s
-        except (OSError, IndexError):
-            continue  # it has exited
-        if working or children - found - own:
-            busy.append(pid)
-    return busy
-
-
-def wait_for_other_benchmarks(timeout_s: float) -> float:
-    """Wait while another scripts/bench/ benchmark works: two at once ruin both. Returns seconds waited."""
-    started = time.time()
-    while time.time() - started < timeout_s and busy_benchmarks():
-        time.sleep(8)
-    return time.time() - started
 
 
 def trl112_status(python: Path) -> dict:

@@ -205,7 +205,7 @@ def divergence(name: str, student_logits: Tensor, teacher: Tensor | TopKTeacher,
 # --- the training loss -------------------------------------------------------------------------------------
 def distill_loss(student_logits: Tensor, teacher: Tensor | TopKTeacher, labels: Tensor | None, alpha: float,
                  divergence_name: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                 scale_by_t_squared: bool = True) -> Tensor:
+                 scale_by_t_squared: bool = True, return_terms: bool = False):
     """(N,) alpha * divergence(p_S, p_T at temperature T) + (1 - alpha) * cross-entropy(student at T = 1, labels).
 
     Hinton et al. sec. 2: a weighted average of the soft-target term and the ordinary hard-label loss, the latter
@@ -216,16 +216,19 @@ def distill_loss(student_logits: Tensor, teacher: Tensor | TopKTeacher, labels: 
     labels: (N,) int64 target token ids at the same N positions (already selected: no ignore index here).
     The other arguments are those of `divergence`; with scale_by_t_squared=True (default) alpha keeps its
     meaning as T changes (module docstring, "Temperature").
+    return_terms: return (loss, divergence term, cross-entropy term or None) so a caller that logs the two
+    terms does not compute them again; the cross-entropy is then computed whenever labels are given.
     """
     _check_unit_interval("alpha", alpha, "the weight of the distillation term; 1 - alpha weighs the label loss")
     soft = divergence(divergence_name, student_logits, teacher, beta, temperature, scale_by_t_squared)
-    if alpha == 1.0:
-        return soft
-    if labels is None:
-        raise ValueError(f"alpha={alpha} < 1 mixes in the label cross-entropy, so labels are needed; "
-                         "pass labels or set alpha=1 for pure distillation")
-    if labels.shape != student_logits.shape[:1]:
-        raise ValueError(f"labels must be (N,) = ({student_logits.shape[0]},), one target per selected position, "
-                         f"got shape {tuple(labels.shape)}")
-    hard = F.cross_entropy(student_logits.float(), labels, reduction="none")
-    return alpha * soft + (1.0 - alpha) * hard
+    hard = None
+    if alpha < 1.0 or (return_terms and labels is not None):
+        if labels is None:
+            raise ValueError(f"alpha={alpha} < 1 mixes in the label cross-entropy, so labels are needed; "
+                             "pass labels or set alpha=1 for pure distillation")
+        if labels.shape != student_logits.shape[:1]:
+            raise ValueError(f"labels must be (N,) = ({student_logits.shape[0]},), one target per selected "
+                             f"position, got shape {tuple(labels.shape)}")
+        hard = F.cross_entropy(student_logits.float(), labels, reduction="none")
+    loss = soft if alpha == 1.0 else alpha * soft + (1.0 - alpha) * hard
+    return (loss, soft, hard) if return_terms else loss

@@ -21,10 +21,9 @@ quantised teacher, and on-policy distillation (GKD's task.lmbda); the next sessi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from soup.errors import ConfigError
-from soup.losses.distill import distill_loss, divergence
+from soup.losses.distill import distill_loss
 from soup.losses.sft import count_trained_tokens
 from soup.tasks.base import Task, TaskData, TaskOutput
 from soup.tasks.logps import head_logits, labelled_hidden_states
@@ -37,8 +36,10 @@ class DistillTask(Task):
     def __init__(self, task_cfg):
         super().__init__(task_cfg)
         self.teacher: torch.nn.Module | None = None
+        self.tokenizer = None
 
     def build_data(self, cfg, tokenizer) -> TaskData:
+        self.tokenizer = tokenizer  # setup compares the teacher's with it
         data = build_token_data(cfg, tokenizer)
         t = self.cfg
         beta = f" (beta {t.jsd_beta:g})" if t.divergence == "generalized_jsd" else ""
@@ -56,7 +57,7 @@ class DistillTask(Task):
         path = self.cfg.teacher.path
         teacher_tokenizer = load_tokenizer(model_source(path, "task.teacher.path", needs_weights=False),
                                            cfg.model.trust_remote_code)
-        student_tokenizer = build_tokenizer(cfg.model)
+        student_tokenizer = self.tokenizer or build_tokenizer(cfg.model)
         if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
             student = cfg.model.tokenizer_path or cfg.model.path or "model=tiny's byte tokenizer"
             raise ConfigError(f"task.teacher.path={path}: the teacher's tokenizer ({len(teacher_tokenizer)} tokens) "
@@ -83,10 +84,8 @@ class DistillTask(Task):
             raise ConfigError(f"task.teacher.path={t.teacher.path}: the teacher scores {teacher_logits.shape[-1]} "
                               f"tokens, the student {student_logits.shape[-1]}.\n  fix: give the student the "
                               "teacher's vocabulary size.")
-        losses = distill_loss(student_logits, teacher_logits, targets, t.alpha, t.divergence, t.jsd_beta,
-                              t.temperature)
-        with torch.no_grad():
-            div = divergence(t.divergence, student_logits, teacher_logits, t.jsd_beta, t.temperature,
-                             scale_by_t_squared=False)
-            ce = F.cross_entropy(student_logits.float(), targets, reduction="none")
-        return TaskOutput(loss_sum=losses.sum(), metric_sums={"divergence": float(div.sum()), "ce": float(ce.sum())})
+        losses, soft, ce = distill_loss(student_logits, teacher_logits, targets, t.alpha, t.divergence, t.jsd_beta,
+                                        t.temperature, return_terms=True)
+        # The divergence is logged as the divergence itself, without the loss's T^2 factor.
+        div = soft.detach().sum() / t.temperature**2
+        return TaskOutput(loss_sum=losses.sum(), metric_sums={"divergence": float(div), "ce": float(ce.detach().sum())})

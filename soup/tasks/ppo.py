@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -184,7 +185,7 @@ class PPOTask(Task):
             init = "reward_model" if paths else "policy"
         if init == "reward_model":
             reward_model = load_reward_model(paths[0])
-            if reward_model.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            if paths[0] not in self._id_scored_rewards:
                 raise ConfigError(f"task.value_init=reward_model: the reward model {paths[0]} has another tokenizer "
                                   "than the policy, so it cannot read the policy's tokens.\n  fix: "
                                   "task.value_init=policy, or train the reward model on the policy's tokenizer.")
@@ -296,7 +297,7 @@ class PPOTask(Task):
 
         A reward model that shares the policy's tokenizer reads prompt + completion ids as
         sampled (the stop token included, as its training pairs ended); other rewards read text."""
-        id_scored = {path for path in reward_model_paths(self.rewards) if self._shares_tokenizer(path)}
+        id_scored = self._id_scored_rewards
         total = torch.zeros(rollout.prompt_ids.shape[0])
         metrics: dict[str, float] = {}
         text_rewards = [(spec, w) for spec, w in self.rewards if spec.name not in id_scored]
@@ -315,6 +316,12 @@ class PPOTask(Task):
                 metrics[f"rewards/{label}/mean"] = float(values.mean())
                 metrics[f"rewards/{label}/std"] = float(values.std()) if values.numel() > 1 else 0.0
         return total, metrics
+
+    @cached_property
+    def _id_scored_rewards(self) -> set[str]:
+        """The reward model directories that read the policy's token ids (same vocabulary), decided
+        once: comparing vocabularies on every rollout would cost a dict of the whole vocabulary."""
+        return {path for path in reward_model_paths(self.rewards) if self._shares_tokenizer(path)}
 
     def _shares_tokenizer(self, path: str) -> bool:
         from soup.rewards.reward_model import load_reward_model
