@@ -162,6 +162,26 @@ def classifier_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+def embedding_rows(rng: random.Random) -> list[dict]:
+    """Paraphrase pairs (task=embedding): one scene said two ways, so the anchor's positive is the
+    one other sentence of the batch about the same who, what and where."""
+    who = ["cat", "dog", "girl", "old man", "chef", "horse", "boy", "teacher", "bird", "farmer"]
+    actions = [("sleeping", "sleeps"), ("eating", "eats"), ("running", "runs"), ("singing", "sings"),
+               ("reading", "reads"), ("waiting", "waits"), ("dancing", "dances"), ("painting", "paints")]
+    places = ["garden", "kitchen", "park", "station", "library", "field", "market", "boat"]
+    first = ["The {w} is {ing} in the {p}.", "A {w} is {ing} in the {p}."]
+    second = ["In the {p}, a {w} {s}.", "There is a {w} who {s} in the {p}.", "A {w} {s} in the {p}."]
+    rows, seen = [], set()
+    while len(rows) < 200:
+        w, (ing, s), p = rng.choice(who), rng.choice(actions), rng.choice(places)
+        if (w, ing, p) in seen:
+            continue
+        seen.add((w, ing, p))
+        rows.append({"anchor": rng.choice(first).format(w=w, ing=ing, p=p),
+                     "positive": rng.choice(second).format(w=w, s=s, p=p)})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict], max_row_bytes: int = MAX_ROW_BYTES) -> None:
     lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
     too_long = [line for line in lines if len(line.encode()) > max_row_bytes]
@@ -178,6 +198,7 @@ def main() -> None:
     write_jsonl(OUT_DIR / "grpo.jsonl", prompt_rows(random.Random(3)))
     write_jsonl(OUT_DIR / "prm.jsonl", prm_rows(random.Random(4)))
     write_jsonl(OUT_DIR / "classifier.jsonl", classifier_rows(random.Random(5)))
+    write_jsonl(OUT_DIR / "embedding.jsonl", embedding_rows(random.Random(6)))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ def load_base(adapter_dir: Path, base: str | None, trust_remote_code: bool = Fal
     # The adapter's own record of the head it trained (a reward model's score, ...), sized as saved:
     # a classifier's head has one row per class.
     task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
-    head = {"SEQ_CLS": "sequence_score", "TOKEN_CLS": "token_classes"}.get(task_type, "causal_lm")
-    if head == "sequence_score" and saved_head_rows(adapter_dir) not in (None, 1):
+    head = {"SEQ_CLS": "sequence_score", "TOKEN_CLS": "token_classes",
+            "FEATURE_EXTRACTION": "encoder"}.get(task_type, "causal_lm")
+    if head == "sequence_score" and (adapter_dir / "head_config.json").exists():  # a soup classifier's classes
+        head = ("sequence_score", json.loads((adapter_dir / "head_config.json").read_text()))
+    elif head == "sequence_score" and saved_head_rows(adapter_dir) not in (None, 1):
         head = ("sequence_score", {"num_labels": saved_head_rows(adapter_dir)})
     head_class, head_config = head_spec(head)
     run_config = adapter_dir.parent / ".hydra" / "config.yaml"
@@ -104,7 +107,25 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None, trust_remot
     model.save_pretrained(out_dir)
     if (adapter_dir / "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    _add_sentence_transformers_files(adapter_dir, model, Path(out_dir))
     return Path(out_dir)
+
+
+def _add_sentence_transformers_files(adapter_dir: Path, model, out_dir: Path) -> None:
+    """A soup task=embedding run's merged model is a sentence-transformers directory, as its final/
+    would be without adapters (its pooling read from the run's config)."""
+    from omegaconf import OmegaConf
+
+    run_config = adapter_dir.parent / ".hydra" / "config.yaml"
+    if not run_config.exists():
+        return
+    run_cfg = OmegaConf.load(run_config)
+    if run_cfg.task.name != "embedding":
+        return
+    from soup.tasks.embedding import resolve_pooling, write_sentence_transformers_files
+
+    pooling = resolve_pooling(run_cfg.task.pooling, model.config.model_type)
+    write_sentence_transformers_files(out_dir, pooling, model.config.hidden_size, run_cfg.data.max_length)
 
 
 def main(argv: list[str] | None = None) -> int:

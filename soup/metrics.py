@@ -102,6 +102,19 @@ def mrr(scores_per_query: Tensor, relevant_index: Tensor) -> float:
     return float((1.0 / ranks.double()).mean())
 
 
+def mrr_any_relevant(scores: Tensor, relevant: Tensor) -> float:
+    """Mean reciprocal rank of the best-ranked relevant document of each query (TREC's MRR, which
+    counts the first relevant document a reader meets).
+
+    scores: (Q, D); relevant: (Q, D) bool, at least one True per query. Ties count against, as above."""
+    _check_score_matrix(scores)
+    if relevant.shape != scores.shape or not bool(relevant.any(1).all()):
+        raise ValueError(f"relevant must be (Q, D) = {tuple(scores.shape)} bool with a relevant document per query")
+    best_relevant = scores.masked_fill(~relevant, float("-inf")).amax(1, keepdim=True)
+    ranks = (scores >= best_relevant).sum(1)
+    return float((1.0 / ranks.double()).mean())
+
+
 def ndcg_at_k(scores: Tensor, gains: Tensor, k: int) -> float:
     """Mean nDCG@k over queries (module docstring).
 

@@ -217,6 +217,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         return result.last_eval_loss if result.last_eval_loss is not None else result.last_train_loss
     if not result.interrupted:
         stop_on_end_of_turn(model, tokenizer)
+        final_lines = []
         # Written beside final/ and renamed when complete: a run killed mid-save leaves no half final/.
         with atomic_directory(run_dir / "final") as final_dir:
             if cfg.quant.name == "int8_qat":  # final/ holds the converted quantised model QAT trained for
@@ -225,11 +226,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
                 print(f"[soup] {save_qat_final(model, final_dir)}")
             elif cfg.peft.name == "none":
                 model.save_pretrained(final_dir)
+                final_lines = task.finish_final(final_dir, model, full_model=True)
             else:
                 save_final_adapter(model, cfg.peft.name, final_dir, run_dir / "initial_adapter",
                                    lambda: build_model(cfg.model, tokenizer, cfg.seed, task.model_head))
+                final_lines = task.finish_final(final_dir, model, full_model=False)
             tokenizer.save_pretrained(final_dir)
         print(f"[soup] saved final model to {run_dir / 'final'}")
+        for line in final_lines:
+            print(f"[soup] {line}")
     stats = {
         "status": "interrupted" if result.interrupted else "finished",
         "steps": result.step,

@@ -9,7 +9,7 @@ involve more than one group live in soup/config/validate.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -218,9 +218,44 @@ class ClassifierTaskConfig(TaskConfig):
 
 
 @dataclass
+class EmbeddingTaskConfig(TaskConfig):
+    """task=embedding: contrastive sentence embeddings from the model's hidden states
+    (soup/tasks/embedding.py, rows in soup/data/embedding.py, losses in soup/losses/embedding.py)."""
+
+    # info_nce (in-batch negatives on {anchor, positive[, negative...]} rows) | cosent | cosine
+    # (cosine-similarity regression); cosent and cosine train on scored pairs {sentence1, sentence2, score}.
+    loss: str = "info_nce"
+    # Multiplies the cosines inside info_nce's softmax and CoSENT's log-sum-exp: 1 / temperature.
+    scale: float = 20.0
+    # info_nce: also make each positive pick its anchor among the batch's anchors; the two averaged.
+    symmetric: bool = False
+    # auto (last for a decoder LM, mean for an encoder) | mean | cls | last, over the real tokens.
+    pooling: str = "auto"
+    # Matryoshka: also train the first d dimensions of the embedding for each d listed; losses summed.
+    matryoshka_dims: Optional[List[int]] = None
+    # One weight per matryoshka dim (null: 1 each).
+    matryoshka_weights: Optional[List[float]] = None
+    # The two texts of a row (null: anchor and positive, or sentence1 and sentence2, as the file has them).
+    text_columns: Optional[List[str]] = None
+    # Rows carrying this column are scored pairs (cosent/cosine training, Spearman evaluation).
+    score_column: str = "score"
+    # info_nce's hard negatives, one text per column (null: the columns named negative or negative_<n>).
+    negative_columns: Optional[List[str]] = None
+    # cosine: the regression target is score / score_scale (STS-B's 0-5 scores: 5), which must lie in [-1, 1].
+    score_scale: float = 1.0
+
+
+@dataclass
 class TeacherConfig:
     # A causal LM directory (or hub id) with the student's tokenizer.
     path: Optional[str] = None
+    # none | 8bit | 4bit: load the frozen teacher with bitsandbytes weights (quant=4bit's nf4 settings).
+    quant: str = "none"
+    # Offline teacher: its top-k log-probs at every trained position, computed once before training
+    # and cached on disk (keyed by the teacher's weights and the token ids); the teacher is then
+    # unloaded. null: the teacher stays loaded and gives full distributions every step.
+    top_k: Optional[int] = None
+    cache_dir: str = "~/.cache/soup/teacher_topk"
 
 
 @dataclass
@@ -237,6 +272,11 @@ class DistillTaskConfig(TaskConfig):
     temperature: float = 1.0
     # Weight of the divergence; 1 - alpha weighs the student's cross-entropy on the data's tokens.
     alpha: float = 0.5
+    # On-policy distillation (GKD): the probability that a step trains on completions the student
+    # samples itself (temperature 1, from the rows' prompts), on which only the divergence is taken.
+    lmbda: float = 0.0
+    # The longest completion the student samples on an on-policy step.
+    max_new_tokens: int = 128
 
 
 @dataclass
@@ -578,3 +618,4 @@ def register_configs() -> None:
     cs.store(group="task", name="ppo_schema", node=PPOTaskConfig)
     cs.store(group="task", name="distill_schema", node=DistillTaskConfig)
     cs.store(group="task", name="classifier_schema", node=ClassifierTaskConfig)
+    cs.store(group="task", name="embedding_schema", node=EmbeddingTaskConfig)

@@ -249,6 +249,17 @@ def _build_scopes() -> dict[str, Scope]:
                                     "task.reward with accuracy or math", lambda c: f"task.reward={list(c.task.reward)}"),
         # task=distill
         "task.jsd_beta": choice("task.divergence", "generalized_jsd"),
+        "task.max_new_tokens": Scope(lambda c: c.task.lmbda > 0, "task.lmbda > 0 (on-policy steps)",
+                                     lambda c: "task.lmbda=0"),
+        "task.teacher.cache_dir": Scope(lambda c: c.task.teacher.top_k is not None, "task.teacher.top_k set",
+                                        lambda c: "task.teacher.top_k=null"),
+        # task=embedding
+        "task.scale": choice("task.loss", "info_nce", "cosent"),
+        "task.symmetric": choice("task.loss", "info_nce"),
+        "task.negative_columns": choice("task.loss", "info_nce"),
+        "task.score_scale": choice("task.loss", "cosine"),
+        "task.matryoshka_weights": Scope(lambda c: bool(c.task.matryoshka_dims), "task.matryoshka_dims set",
+                                         lambda c: "task.matryoshka_dims=null"),
         # task=ppo
         "task.kl_estimator": PPO_KL,
         "task.target_kl": PPO_KL,

@@ -18,9 +18,11 @@ from soup.errors import ConfigError
 from soup.precision import slow_cpu_bf16_error
 
 PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "preference")
-TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm", "distill", "classifier")
+TASKS = ("sft", "pretrain", *PREFERENCE_TASKS, "grpo", "rloo", "ppo", "reward_model", "prm", "distill", "classifier",
+         "embedding")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+EMBEDDING_LOSSES = ("info_nce", "cosent", "cosine")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 REFERENCES = ("auto", "copy", "adapter", "precomputed", "none")
 SEQUENCE_LAYOUTS = ("auto", "shared_prompt", "stacked")
@@ -112,6 +114,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> No
         _check_distill(cfg, need)
     if cfg.task.name == "classifier":
         _check_classifier(cfg, need)
+    if cfg.task.name == "embedding":
+        _check_embedding(cfg, need)
     if cfg.parallelism.name != "single":
         _check_ranks(cfg, need)
     _check_model(cfg, need)
@@ -451,6 +455,28 @@ def _check_classifier(cfg: DictConfig, need) -> None:
                                                "task.text_column; a pair needs two texts.")
 
 
+def _check_embedding(cfg: DictConfig, need) -> None:
+    from soup.losses.embedding import POOLING_MODES
+
+    task = cfg.task
+    need(task.loss in EMBEDDING_LOSSES, f"task=embedding: task.loss={task.loss!r}; valid: {', '.join(EMBEDDING_LOSSES)}.")
+    need(task.pooling in ("auto", *POOLING_MODES), f"task=embedding: task.pooling={task.pooling!r}; valid: auto, "
+                                                   f"{', '.join(POOLING_MODES)}.")
+    need(task.scale > 0, f"task=embedding: task.scale must be > 0 (it is 1 / temperature; got {task.scale}).")
+    need(task.score_scale > 0, f"task=embedding: task.score_scale must be > 0 (got {task.score_scale}).")
+    dims = list(task.matryoshka_dims or [])
+    need(all(d >= 1 for d in dims) and len(set(dims)) == len(dims),
+         f"task=embedding: task.matryoshka_dims must be distinct sizes >= 1, e.g. [384,128,32] (got {dims}).")
+    if task.matryoshka_weights is not None:
+        need(len(task.matryoshka_weights) == len(dims),
+             f"task=embedding: task.matryoshka_weights has {len(task.matryoshka_weights)} weights for "
+             f"{len(dims)} task.matryoshka_dims; give one per dim, in the same order.")
+    if task.text_columns is not None:
+        need(len(task.text_columns) == 2 and task.text_columns[0] != task.text_columns[1],
+             f"task=embedding: task.text_columns names the row's two texts, e.g. [query,passage] "
+             f"(got {list(task.text_columns)}).")
+
+
 def _check_distill(cfg: DictConfig, need) -> None:
     from soup.losses.distill import DIVERGENCES
 
@@ -464,6 +490,22 @@ def _check_distill(cfg: DictConfig, need) -> None:
     need(0 <= task.alpha <= 1, f"task=distill: task.alpha must be in [0, 1]: the divergence's weight, 1 - alpha "
                                f"the cross-entropy's (got {task.alpha}).")
     need(task.temperature > 0, f"task=distill: task.temperature must be > 0 (got {task.temperature}).")
+    need(task.teacher.quant in ("none", "8bit", "4bit"), f"task=distill: task.teacher.quant={task.teacher.quant!r}; "
+                                                         "valid: none, 8bit, 4bit (bitsandbytes).")
+    need(0 <= task.lmbda <= 1, f"task=distill: task.lmbda is the probability of an on-policy step, in [0, 1] "
+                               f"(got {task.lmbda}).")
+    need(task.max_new_tokens >= 1, f"task=distill: task.max_new_tokens must be >= 1 (got {task.max_new_tokens}).")
+    if task.lmbda > 0:
+        need(task.teacher.top_k is None, "task=distill: task.lmbda > 0 (on-policy steps) needs the teacher to score "
+                                         "the student's own samples, and task.teacher.top_k makes it offline (it "
+                                         "scored the data's tokens only).\n    fix: drop task.teacher.top_k, or "
+                                         "set task.lmbda=0.")
+        need(not cfg.data.packing and not cfg.data.multipack,
+             "task=distill: task.lmbda > 0 samples completions from each row's prompt, and packed rows "
+             "(data.packing / data.multipack) hold several rows.\n    fix: data.packing=false data.multipack=false.")
+    need(task.teacher.top_k is None or task.teacher.top_k >= 1, f"task=distill: task.teacher.top_k must be >= 1 "
+                                                               f"(or null: the full distributions); got "
+                                                               f"{task.teacher.top_k}.")
 
 
 def _check_ppo(cfg: DictConfig, need) -> None:

@@ -118,3 +118,54 @@ def collate_classification(examples: list[dict], pad_id: int, regression: bool) 
         mask[i, :len(example["input_ids"])] = 1
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.float32 if regression else torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --- listwise reranking --------------------------------------------------------------------------
+def is_listwise(row: Row, pair_column: str | None) -> bool:
+    """A row whose pair column holds a list of candidates is a listwise reranking group."""
+    return pair_column is not None and isinstance(row.record.get(pair_column), list)
+
+
+def listwise_group(row: Row, tokenizer, text_column: str, pair_column: str, label_column: str,
+                   size: int, max_length: int | None) -> tuple[list[list[int]], list[float], int]:
+    """A group {query, [candidates], [graded labels]}: the token ids of each (query, candidate) pair
+    (cut to max_length when it is given), the labels, and how many pairs were longer than max_length.
+
+    Every group has `size` candidates, labels >= 0, and at least one relevant (label > 0) candidate:
+    the listwise loss spreads its target over the group's labels, and MRR needs a relevant one."""
+    query = text_of(row, text_column)
+    candidates, labels = row.record.get(pair_column), row.record.get(label_column)
+    if not isinstance(labels, list) or len(labels) != len(candidates):
+        raise row_error(row, f"'{label_column}' must be a list with one label per candidate of '{pair_column}' "
+                             f"({len(candidates)}), got {labels!r}",
+                        fix="give each candidate a graded relevance (0 irrelevant, higher more relevant).")
+    if len(candidates) != size:
+        raise row_error(row, f"the group has {len(candidates)} candidates, the file's first group {size}",
+                        fix="give every group the same number of candidates (add irrelevant ones, or subsample).")
+    if any(not isinstance(c, str) or not c.strip() for c in candidates):
+        raise row_error(row, f"every candidate of '{pair_column}' must be a non-empty string",
+                        fix="write each candidate as a string.")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in labels) or max(labels) <= 0:
+        raise row_error(row, f"'{label_column}' must be numbers >= 0 with at least one above 0, got {labels}",
+                        fix="mark the relevant candidates (label 1, or a higher grade); a group with none teaches "
+                            "nothing and has no reciprocal rank.")
+    full = [list(tokenizer(query, c)["input_ids"]) for c in candidates]
+    too_long = sum(len(ids) > max_length for ids in full) if max_length is not None else 0
+    if too_long:
+        full = [list(tokenizer(query, c, truncation="longest_first", max_length=max_length)["input_ids"])
+                for c in candidates]
+    return full, [float(v) for v in labels], too_long
+
+
+def collate_listwise(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (G * C, T), right-padded, group g's candidates at rows gC..gC+C-1;
+    labels (G, C) float."""
+    flat = [ids for e in examples for ids in e["input_ids"]]
+    width = max(len(ids) for ids in flat)
+    input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for i, ids in enumerate(flat):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -32,7 +32,8 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PKG_PREFIX = "pkg://"
 DEMO_FILES = {"sft": "pkg://demo/sft.jsonl", "distill": "pkg://demo/sft.jsonl", "pretrain": "pkg://demo/pretrain.jsonl",
               "preference": "pkg://demo/preference.jsonl", "grpo": "pkg://demo/grpo.jsonl", "prm": "pkg://demo/prm.jsonl",
-              "classifier": "pkg://demo/classifier.jsonl"}
+              "classifier": "pkg://demo/classifier.jsonl",
+              "embedding": "pkg://demo/embedding.jsonl"}
 TASK_FORMATS = {"sft": (*CHAT_FORMATS, "prompt_completion"), "pretrain": ("plaintext",)}
 TASK_FORMATS["distill"] = TASK_FORMATS["sft"]  # the student learns on SFT rows
 OVERLONG_POLICIES = ("truncate", "drop", "truncate_or_drop")

@@ -68,6 +68,8 @@ def peft_task_type(model: torch.nn.Module | None) -> str:
         return "SEQ_CLS"
     if name.endswith("ForTokenClassification"):
         return "TOKEN_CLS"
+    if "For" not in name and name.endswith("Model"):  # a bare backbone (task=embedding)
+        return "FEATURE_EXTRACTION"
     return "CAUSAL_LM"
 
 

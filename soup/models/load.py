@@ -4,17 +4,17 @@ model=tiny: a randomly initialised Llama (shape from model.tiny) and the built-i
 byte tokenizer, seeded so the same config gives the same weights.
 model=hf: AutoModelForCausalLM.from_pretrained(model.path).
 
-The head on the decoder follows the task (HEADS): next-token logits for the language-model
+The head on the backbone follows the task (HEADS): next-token logits for the language-model
 tasks, one score per sequence for a reward model, two classes per token for a process
-reward model. A new head starts from the seeded init; a directory that already holds that
-head (a trained reward model) loads it.
+reward model, none for sentence embeddings (the backbone's hidden states). A new head starts
+from the seeded init; a directory that already holds that head (a trained reward model) loads it.
 """
 
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
                           LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from soup.errors import ConfigError
@@ -28,6 +28,8 @@ HEADS = {
     "causal_lm": (AutoModelForCausalLM, {}),
     "sequence_score": (AutoModelForSequenceClassification, {"num_labels": 1}),
     "token_classes": (AutoModelForTokenClassification, {"num_labels": 2}),
+    # The bare backbone, its hidden states the output (task=embedding pools them).
+    "encoder": (AutoModel, {}),
 }
 
 

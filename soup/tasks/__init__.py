@@ -8,6 +8,7 @@ from __future__ import annotations
 from soup.tasks.base import Task, TaskOutput
 from soup.tasks.classifier import ClassifierTask
 from soup.tasks.distill import DistillTask
+from soup.tasks.embedding import EmbeddingTask
 from soup.tasks.grpo import GRPOTask
 from soup.tasks.preference import PreferenceTask
 from soup.tasks.pretrain import PretrainTask
@@ -20,6 +21,7 @@ PREFERENCE_TASKS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo", "bco", "prefere
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "pretrain": PretrainTask, "grpo": GRPOTask,
                                 "rloo": GRPOTask, "reward_model": RewardModelTask, "prm": PRMTask,
                                 "ppo": PPOTask, "distill": DistillTask, "classifier": ClassifierTask,
+                                "embedding": EmbeddingTask,
                                 **{name: PreferenceTask for name in PREFERENCE_TASKS}}
 
 
@@ -33,5 +35,5 @@ def build_task(cfg, tokenizer) -> Task:
     return task_class(cfg.task)
 
 
-__all__ = ["PREFERENCE_TASKS", "TASKS", "ClassifierTask", "DistillTask", "GRPOTask", "PPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
+__all__ = ["PREFERENCE_TASKS", "TASKS", "ClassifierTask", "DistillTask", "EmbeddingTask", "GRPOTask", "PPOTask", "PRMTask", "PreferenceTask", "RewardModelTask", "SFTTask", "Task", "TaskOutput",
            "build_task"]

@@ -106,6 +106,12 @@ class Task(ABC):
     def begin_step(self, step: int, total_steps: int, epoch: float, model: torch.nn.Module) -> None:
         """Called before optimizer step `step` (0-based): schedules that move with the run."""
 
+    def finish_final(self, final_dir, model: torch.nn.Module, full_model: bool) -> list[str]:
+        """Add the task's own files to final/ once the model is saved there: full_model, the whole
+        model (embedding: the sentence-transformers modules), else its adapters (classifier: the
+        head's config, class names included, for soup.merge); return log lines."""
+        return []
+
     def state_dict(self) -> dict:
         """Task state a checkpoint must hold for an exact resume (running statistics, ...)."""
         return {}

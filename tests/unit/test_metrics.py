@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from soup.metrics import accuracy, average_ranks, macro_f1, mrr, ndcg_at_k, recall_at_k, spearman
+from soup.metrics import accuracy, average_ranks, macro_f1, mrr, mrr_any_relevant, ndcg_at_k, recall_at_k, spearman
 
 
 # --- spearman --------------------------------------------------------------------------------------
@@ -165,3 +165,14 @@ def test_macro_f1_is_one_when_every_label_is_right_whatever_classes_are_absent()
 def test_macro_f1_refuses_labels_out_of_range():
     with pytest.raises(ValueError, match=r"gold has labels outside \[0, num_labels\) = \[0, 2\)"):
         macro_f1(torch.tensor([0, 1]), torch.tensor([0, 2]), num_labels=2)
+
+
+def test_mrr_any_relevant_counts_the_best_ranked_relevant_document():
+    scores = torch.tensor([[0.9, 0.5, 0.7, 0.1], [0.2, 0.8, 0.8, 0.3]])
+    relevant = torch.tensor([[False, True, True, False], [True, False, False, True]])
+    # query 0: the relevant docs rank 3rd and 2nd -> 1/2; query 1: the relevant 0.2 and 0.3 rank 4th and 3rd -> 1/3
+    assert mrr_any_relevant(scores, relevant) == pytest.approx((1 / 2 + 1 / 3) / 2)
+    tied = torch.tensor([[0.5, 0.5, 0.1]])
+    assert mrr_any_relevant(tied, torch.tensor([[False, True, False]])) == pytest.approx(1 / 2)  # a tie counts against
+    with pytest.raises(ValueError, match="a relevant document per query"):
+        mrr_any_relevant(scores, torch.zeros_like(relevant))

@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from soup.config import register_configs, validate
-from soup.config.schema import (GROUP_SCHEMAS, ClassifierTaskConfig, DistillTaskConfig, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig,
+from soup.config.schema import (GROUP_SCHEMAS, ClassifierTaskConfig, DistillTaskConfig, EmbeddingTaskConfig, GRPOTaskConfig, PPOTaskConfig, PreferenceTaskConfig,
                                 PRMTaskConfig,
                                 RewardModelTaskConfig, SoupConfig, TrainConfig)
 from soup.config.scope import ROOT_VALUES, field_scopes, leaf_fields
@@ -56,6 +56,8 @@ PPO = ["task=ppo", "task.reward=[{len_reward}]", "task.max_completion_length=8",
 PPO_TWICE = [*PPO, "task.ppo_epochs=2", "optim.lr=1e-2"]  # the second step sees models that moved: clips act
 DISTILL = ["task=distill", f"task.teacher.path={HF}"]  # the {hf} model shares model=tiny's byte tokenizer
 CLASSIFIER = ["task=classifier", "data=file", "data.train_file={cls_file}"]
+EMBEDDING = ["task=embedding", "data=file", "data.train_file={emb_file}"]
+EMBEDDING_SCORED = ["task=embedding", "task.loss=cosent", "data=file", "data.train_file={emb_scored_file}"]
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -74,7 +76,23 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.label_column": (CLASSIFIER, ["task.label_column=topic"]),
     "task.num_labels": ([*CLASSIFIER, "task.label_column=index"], ["task.num_labels=4"]),
     "task.class_weights": (CLASSIFIER, ["task.class_weights=[1.0,3.0]"]),
+    "task.loss": (EMBEDDING_SCORED, ["task.loss=cosine"]),
+    "task.scale": (EMBEDDING, ["task.scale=5.0"]),
+    "task.symmetric": (EMBEDDING, ["task.symmetric=true"]),
+    "task.pooling": (EMBEDDING, ["task.pooling=mean"]),
+    "task.matryoshka_dims": (EMBEDDING, ["task.matryoshka_dims=[16]"]),
+    "task.matryoshka_weights": ([*EMBEDDING, "task.matryoshka_dims=[32,16]"], ["task.matryoshka_weights=[1.0,0.25]"]),
+    "task.text_columns": (EMBEDDING, ["task.text_columns=[query,passage]"]),
+    "task.score_column": (EMBEDDING_SCORED, ["task.score_column=rating"]),
+    "task.negative_columns": (EMBEDDING, ["task.negative_columns=[]"]),
+    "task.score_scale": ([*EMBEDDING_SCORED, "task.loss=cosine"], ["task.score_scale=2.0"]),
     "task.teacher.path": (DISTILL, [f"task.teacher.path={HF_OTHER}"]),
+    "task.teacher.quant": (DISTILL, ["task.teacher.quant=8bit"]),
+    "task.lmbda": (DISTILL, ["task.lmbda=1.0", "task.max_new_tokens=8"]),
+    "task.max_new_tokens": ([*DISTILL, "task.lmbda=1.0", "task.max_new_tokens=8"], ["task.max_new_tokens=3"]),
+    "task.teacher.top_k": (DISTILL, ["task.teacher.top_k=8", "task.teacher.cache_dir={tmp}/topk"]),
+    "task.teacher.cache_dir": ([*DISTILL, "task.teacher.top_k=8", "task.teacher.cache_dir={tmp}/topk_a"],
+                               ["task.teacher.cache_dir={tmp}/topk_b"]),
     "task.divergence": (DISTILL, ["task.divergence=reverse_kl"]),
     "task.jsd_beta": ([*DISTILL, "task.divergence=generalized_jsd"], ["task.jsd_beta=0.1"]),
     "task.alpha": (DISTILL, ["task.alpha=0.9"]),
@@ -279,7 +297,8 @@ NOT_APPLYING_CANDIDATES = [[], ["resume=auto"], ["task=grpo"], ["task=grpo", "ta
                            ["task=grpo", "task.loss_type=rft"], ["task=dpo"],
                            ["task=orpo"], ["task=simpo"], ["task=pretrain"], ["data.val_split=0"], ["sched=constant"], ["optim=adafactor"], ["model=hf", "model.path=/nowhere"],
                            ["task=dpo", *LORA], ["task=rloo"], ["task=ppo", "task.ppo_epochs=1"],
-                           ["task=ppo", "task.kl_coef=0"], ["task=distill"]]
+                           ["task=ppo", "task.kl_coef=0"], ["task=distill"], ["task=embedding"],
+                           ["task=embedding", "task.loss=cosine"]]
 
 
 def all_fields() -> dict[str, object]:
@@ -295,6 +314,7 @@ def all_fields() -> dict[str, object]:
     fields.update({path: default for path, default in leaf_fields(DistillTaskConfig, "task.").items()
                    if path not in fields})
     fields.update(leaf_fields(ClassifierTaskConfig, "task."))
+    fields.update(leaf_fields(EmbeddingTaskConfig, "task."))
     fields.update(leaf_fields(TrainConfig, "train."))
     return fields
 
@@ -428,11 +448,19 @@ def paths(tmp_path_factory):
     reviews = [{"text": f"Review {i}: it was {'good' if i % 2 else 'bad'}.", "other": f"Item {i * 7} of the shop.",
                 "label": "pos" if i % 2 else "neg", "index": i % 2, "topic": ["food", "film", "book"][i % 3]} for i in range(30)]
     (root / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+    pairs = [{"anchor": f"Scene {i}: a {['cat', 'dog', 'bird'][i % 3]} sleeps.", "positive": f"A pet naps ({i}).",
+              "negative": f"Scene {i + 1}: nobody is there.", "query": f"Where is thing {i}?",
+              "passage": f"Thing {i} is in box {i % 4}."} for i in range(30)]
+    (root / "emb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    scored = [{"sentence1": f"A {['cat', 'dog', 'bird'][i % 3]} sleeps ({i}).", "sentence2": f"A pet naps ({i % 5}).",
+               "score": (i % 5) / 5, "rating": ((i * 3) % 7) / 7} for i in range(30)]
+    (root / "emb_scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
     questions = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
     (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions))
     return {"questions_file": root / "questions.jsonl","hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
             "sft_file": root / "sft.jsonl", "text_file": root / "text.jsonl", "dual_file": root / "dual.jsonl",
             "len_reward": root / "len_reward.py", "rm": root / "rm", "cls_file": root / "cls.jsonl",
+            "emb_file": root / "emb.jsonl", "emb_scored_file": root / "emb_scored.jsonl",
             "root": root}
 
 
