@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from soup.checkpoint import (capture_rng, load_checkpoint, restore_rng, save_checkpoint,
+from soup.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
                              save_sharded_checkpoint)
 from soup.config.resume import SCHEDULE_KEYS
 from soup.data.sampler import ResumableBatchSampler
@@ -34,6 +34,7 @@ from soup import zero
 from soup.fsdp import is_sharded, load_sharded, save_sharded
 from soup.errors import SoupError
 from soup.optim import build_optimizer, build_scheduler, effective_optimizer, prepare_for_eval, prepare_for_train
+from soup.stability import build_spike_guard
 from soup.tasks import Task
 from soup.tracking import peak_memory_mb, reset_peak_memory
 
@@ -200,6 +201,7 @@ def train_loop(
                            else epochs_to_run(train_cfg) * sampler.batches_per_epoch)
     optimizer = build_optimizer(task.optimized_module(policy), cfg.optim, cfg.peft)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps)
+    config_base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     engine = None
     if cfg.parallelism.name in zero.STAGES:  # DeepSpeed partitions the model and wraps the optimizer
         engine, _ = zero.start_engine(model, optimizer, cfg)
@@ -228,6 +230,11 @@ def train_loop(
     checkpoints_dir = run_dir / "checkpoints"
 
     step, trained_units, consumed_micro, train_time_s = 0, 0, 0, 0.0
+    spike_guard = build_spike_guard(train_cfg)
+    if spike_guard is not None:
+        print(f"[soup] spike recovery: a step above {train_cfg.spike_factor:g} x the median loss of the last "
+              f"{train_cfg.spike_window} steps (or not finite) rolls back to the newest checkpoint, lr x "
+              f"{train_cfg.spike_lr_factor:g} each time, at most {train_cfg.spike_max_recoveries} times")
     config_record = OmegaConf.to_container(cfg, resolve=True)
     change_history: list[dict] = []
     if resume_from is not None:
@@ -240,6 +247,8 @@ def train_loop(
                             f"{total_steps} steps.\n  fix: resume with a train.max_steps (or train.epochs) "
                             "that reaches at least the checkpoint's step.")
         sampler.load_state_dict(state["sampler"])
+        if spike_guard is not None:
+            spike_guard.load_state_dict(state.get("spike_guard", {}))
         step, trained_units = state["step"], state["trained_units"]
         consumed_micro, train_time_s = state["consumed_micro_batches"], state["train_time_s"]
         if scaler is not None and "grad_scaler" in extra:
@@ -268,6 +277,8 @@ def train_loop(
             # What wrote this checkpoint: a resume compares its own config with this one.
             "config": config_record, "resume_changes": change_history,
         }
+        if spike_guard is not None:
+            trainer_state["spike_guard"] = spike_guard.state_dict()
         extra = {"task": task.state_dict()}
         if any(rank_task):
             extra["rank_task"] = rank_task
@@ -283,6 +294,39 @@ def train_loop(
             return None
         return save_checkpoint(checkpoints_dir, step, policy, optimizer, scheduler, trainer_state,
                                train_cfg.keep_last_checkpoints, extra)
+
+    def recover_from_spike(reason: str, spike_loss: float) -> None:
+        """Roll back to the newest checkpoint, keeping the data stream where it is (soup/stability.py)."""
+        nonlocal step, trained_units, train_time_s
+        optimizer.zero_grad(set_to_none=True)
+        spike_guard.recoveries += 1
+        checkpoint = latest_checkpoint(checkpoints_dir)
+        if spike_guard.recoveries > spike_guard.max_recoveries or checkpoint is None:
+            why = (f"after {spike_guard.max_recoveries} recoveries" if checkpoint is not None
+                   else f"and {checkpoints_dir} holds no checkpoint to roll back to")
+            raise SoupError(f"step {step + 1}: {reason}, {why}; the run stops.\n  fix: lower optim.lr or "
+                            "train.spike_lr_factor, raise train.max_grad_norm's protection (a smaller norm), or "
+                            "check the data around this point; then resume=<checkpoint>.")
+        spiked_at = step + 1
+        state, extra = load_checkpoint(checkpoint, policy, optimizer, scheduler, load_shards=shard_loader())
+        if world.distributed:
+            restore_rng(extra["rank_rng"][world.rank])
+        task.load_state_dict(extra.get("task", {}))
+        skipped = consumed_micro - state["consumed_micro_batches"]
+        step, trained_units, train_time_s = state["step"], state["trained_units"], state["train_time_s"]
+        if spike_guard.lr_factor != 1.0:  # the config's lrs x factor^recoveries, on the same schedule
+            scale = spike_guard.lr_factor ** spike_guard.recoveries
+            follow_new_schedule(optimizer, scheduler, [base * scale for base in config_base_lrs])
+        tracker.truncate_after(step)
+        tracker.log({"spike_loss": spike_loss, "rolled_back_to": step, "skipped_micro_batches": skipped,
+                     "recoveries": spike_guard.recoveries, "lr": optimizer.param_groups[0]["lr"]},
+                    spiked_at, split="recovery")
+        bar.n = step
+        bar.refresh()
+        print(f"[soup] step {spiked_at}: {reason}. Recovery {spike_guard.recoveries} of "
+              f"{spike_guard.max_recoveries}: rolled back to {checkpoint.name}, skipping the {skipped} "
+              f"micro-batches drawn since it" + (f", lr now {optimizer.param_groups[0]['lr']:.3g}"
+                                                  if spike_guard.lr_factor != 1.0 else ""))
 
     def result(stop_reason: str, signum: int | None = None) -> LoopResult:
         return LoopResult(step, trained_units, train_time_s, trained_units / max(train_time_s, 1e-9), last_loss,
@@ -317,6 +361,8 @@ def train_loop(
             n_micro = train_cfg.grad_accum_steps
             if total_micro_batches is not None:
                 n_micro = min(n_micro, total_micro_batches - consumed_micro)
+                if n_micro <= 0:  # the epochs' data ran out first: a spike recovery skipped some
+                    break
             step_start = time.perf_counter()
             task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, policy)
             draws = task.draws_rows(step)
@@ -352,6 +398,13 @@ def train_loop(
                 step_loss, metric_sums, metric_counts, step_log = reduce_step(step_loss, metric_sums, metric_counts,
                                                                               step_log, world.world_size)
 
+            if spike_guard is not None and step_units:
+                spike_loss = float(step_loss) / step_units
+                reason = spike_guard.spike(spike_loss)
+                if reason is not None:  # this step's update is not applied
+                    recover_from_spike(reason, spike_loss)
+                    continue
+                spike_guard.record(spike_loss)
             lr = optimizer.param_groups[0]["lr"]
             if step_units and engine is not None:
                 grad_norm = zero.step(engine)  # reduces, clips, steps and zeroes the gradients

@@ -189,6 +189,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
               f"({torch.distributed.get_backend()}); each step {world.world_size} x {cfg.train.grad_accum_steps} "
               f"micro-batches of {cfg.train.micro_batch_size}")
 
+    if cfg.train.auto_micro_batch_size:
+        from soup.stability import auto_micro_batch
+
+        print(f"[soup] {auto_micro_batch(cfg, model, task, data, device)}")
+    if cfg.train.lr_finder:  # the lr range test instead of a run: lr_finder.json and .png, nothing else
+        from soup.lr_finder import run_lr_finder
+
+        run_lr_finder(cfg, model, task, data.train, data.collate, run_dir, device, sampler=data.sampler)
+        features.close()
+        return None
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     tracker = (open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None) if world.is_main
                else NullTracker())

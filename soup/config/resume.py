@@ -27,6 +27,8 @@ CHANGEABLE = (
     "train.max_steps", "train.epochs",
     "train.eval_every_steps", "train.eval_at_start", "train.eval_batch_size",
     "train.save_every_steps", "train.keep_last_checkpoints", "train.log_every_steps",
+    # a run that spiked is resumed with spike recovery turned on or tuned
+    "train.spike_factor", "train.spike_window", "train.spike_max_recoveries", "train.spike_lr_factor",
     "optim.lr",
     "checkpointing", "offload", "tracker",
 )

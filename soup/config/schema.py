@@ -556,6 +556,24 @@ class TrainConfig:
     # NEFTune (arXiv 2310.05914): uniform noise of scale alpha / sqrt(L x d) on the input
     # embeddings, in training only. null = off.
     neftune_alpha: Optional[float] = None
+    # Loss-spike recovery (soup/stability.py): a step whose loss is above spike_factor x the median
+    # of the last spike_window steps, or not finite, is not applied; the run rolls back to its newest
+    # checkpoint, skips the data drawn since, multiplies the lr by spike_lr_factor (per recovery) and
+    # goes on, and stops after spike_max_recoveries. null: off (a non-finite loss stops the run).
+    spike_factor: Optional[float] = None
+    spike_window: int = 20
+    spike_max_recoveries: int = 3
+    spike_lr_factor: float = 1.0
+    # The lr range test (soup/lr_finder.py): instead of training, lr_finder_steps steps with the lr
+    # growing exponentially from lr_finder_min_lr to lr_finder_max_lr; writes lr_finder.json and
+    # lr_finder.png (the curve, the suggested lr) and nothing else.
+    lr_finder: bool = False
+    lr_finder_min_lr: float = 1e-7
+    lr_finder_max_lr: float = 1.0
+    lr_finder_steps: int = 100
+    # CUDA: before training, the largest micro-batch (a divisor of micro_batch_size x grad_accum_steps)
+    # whose forward and backward of the longest rows fit in memory; the accumulation keeps the global batch.
+    auto_micro_batch_size: bool = False
 
 
 @dataclass

@@ -221,6 +221,10 @@ def _build_scopes() -> dict[str, Scope]:
         "train.eval_every_steps": VAL_DATA,
         "train.eval_at_start": VAL_DATA,
         "train.eval_batch_size": VAL_DATA,
+        **{f"train.{f}": Scope(lambda c: c.train.spike_factor is not None, "train.spike_factor set",
+                               lambda c: "train.spike_factor=null")
+           for f in ("spike_window", "spike_max_recoveries", "spike_lr_factor")},
+        **{f"train.{f}": flag_on("train.lr_finder") for f in ("lr_finder_min_lr", "lr_finder_max_lr", "lr_finder_steps")},
         # task (preference)
         "task.preference_loss": choice("task.name", "preference"),
         "task.preference_loss_weights": choice("task.name", "preference"),

@@ -266,6 +266,37 @@ def _check_train(cfg: DictConfig, need) -> None:
          "train.save_every_steps and train.eval_every_steps must be >= 0 (0 = off).")
     need(train.log_every_steps >= 1, "train.log_every_steps must be at least 1.")
     need(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping).")
+    if train.auto_micro_batch_size:
+        on_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+        need(on_cuda, "train.auto_micro_batch_size probes the largest micro-batch that fits in CUDA memory; on a "
+                      "CPU there is no out-of-memory error to catch (a batch too large swaps or is killed).\n"
+                      "    fix: set train.micro_batch_size yourself (and train.grad_accum_steps for the global batch).")
+        need(cfg.task.name not in ("grpo", "rloo", "ppo") and not cfg.data.multipack
+             and cfg.parallelism.name == "single",
+             "train.auto_micro_batch_size probes one process's offline batches; it does not apply to online tasks "
+             "(grpo, rloo, ppo), data.multipack or several ranks.\n    fix: set train.micro_batch_size yourself.")
+    if train.lr_finder:
+        need(0 < train.lr_finder_min_lr < train.lr_finder_max_lr,
+             f"train.lr_finder sweeps from train.lr_finder_min_lr to train.lr_finder_max_lr: they must satisfy "
+             f"0 < min < max (got {train.lr_finder_min_lr} and {train.lr_finder_max_lr}).")
+        need(train.lr_finder_steps >= 3, f"train.lr_finder_steps must be at least 3 (got {train.lr_finder_steps}).")
+        need(cfg.resume is None, "train.lr_finder=true sweeps the lr from the start of a fresh run; it does not "
+                                 "resume.\n    fix: drop resume, or train.lr_finder=false.")
+        need(cfg.parallelism.name == "single", f"train.lr_finder runs in one process; parallelism="
+                                               f"{cfg.parallelism.name} is not supported by the sweep.\n    fix: "
+                                               "parallelism=single (the suggested lr holds for the same global batch).")
+    if train.spike_factor is not None:
+        need(train.spike_factor > 1, f"train.spike_factor must be > 1: a spike is a loss above that many times "
+                                     f"the recent median (got {train.spike_factor}; 3 is a usual choice).")
+        need(train.spike_window >= 2, f"train.spike_window must be at least 2 steps (got {train.spike_window}).")
+        need(train.spike_max_recoveries >= 1, "train.spike_max_recoveries must be at least 1.")
+        need(0 < train.spike_lr_factor <= 1, f"train.spike_lr_factor must be in (0, 1] (got {train.spike_lr_factor}).")
+        need(train.save_every_steps > 0, "train.spike_factor rolls a spiking run back to its newest checkpoint, and "
+                                         "train.save_every_steps=0 writes none.\n    fix: train.save_every_steps=50 "
+                                         "(or another cadence: a spike loses the steps since the last one).")
+        need(cfg.parallelism.name not in ("deepspeed_zero2", "deepspeed_zero3"),
+             f"train.spike_factor with parallelism={cfg.parallelism.name}: DeepSpeed's engine keeps its own "
+             "gradient state, which the rollback does not reset yet.\n    fix: parallelism=ddp or fsdp2.")
     if cfg.resume not in (None, "auto"):
         need(os.path.isdir(cfg.resume), f"resume={cfg.resume!r} is not a checkpoint directory; "
                                          "use resume=auto or a path like <run dir>/checkpoints/step-100.")

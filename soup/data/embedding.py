@@ -10,8 +10,9 @@ positive, else sentence1 and sentence2, whichever the first row has. Hard negati
 task.negative_columns, or (null) the columns named negative or negative_<n>.
 
 Each text is tokenised on its own, as the tokenizer encodes one text (an encoder's [CLS] ... [SEP]).
-A batch puts all texts in one padded tensor, so the model runs once per micro-batch: the B first
-texts, then the B second texts, then each row's K negatives in row order (row i's at 2B + iK + k).
+A batch holds each column of texts (first, second, negatives) padded to its own longest text: queries
+are often far shorter than the passages they retrieve, and padding them to the passages' length
+would cost as much as the passages.
 """
 
 from __future__ import annotations
@@ -133,22 +134,34 @@ def tokenize_rows(rows: Sequence[Row], fmt: EmbeddingFormat, tokenizer, max_leng
     return examples, EmbeddingReport(split, source, fmt.describe(), len(examples), truncated, dropped)
 
 
-def collate_embedding(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask (B * (2 + K), T), right-padded, texts in the order of the module
-    docstring; scores (B,) float32, nan for unscored pairs."""
-    batch = len(examples)
-    per_row = len(examples[0]["texts"])
-    order = [e["texts"][0] for e in examples] + [e["texts"][1] for e in examples]
-    order += [ids for e in examples for ids in e["texts"][2:]]
-    if any(len(e["texts"]) != per_row for e in examples):
-        raise ValueError("every example of a batch must have the same number of texts")
-    width = max(len(ids) for ids in order)
-    input_ids = torch.full((len(order), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(order), width), dtype=torch.long)
-    for i, ids in enumerate(order):
+# Each column of texts in a batch, padded to its own longest text: its ids key and its mask key.
+COLUMNS = (("input_ids", "attention_mask"), ("second_ids", "second_mask"), ("negative_ids", "negative_mask"))
+
+
+def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         mask[i, :len(ids)] = 1
-    scores = torch.tensor([float("nan") if e["score"] is None else e["score"] for e in examples],
-                          dtype=torch.float32)
-    assert scores.shape == (batch,)
-    return {"input_ids": input_ids, "attention_mask": mask, "scores": scores}
+    return input_ids, mask
+
+
+def collate_embedding(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """The B first texts (input_ids, attention_mask), the B second texts (second_ids, second_mask)
+    and, with hard negatives, each row's K negatives in row order (negative_ids, negative_mask:
+    row i's at iK + k), each column right-padded to its own longest text (a short query is not
+    padded to a long passage's length); scores (B,) float32, nan for unscored pairs."""
+    per_row = len(examples[0]["texts"])
+    if any(len(e["texts"]) != per_row for e in examples):
+        raise ValueError("every example of a batch must have the same number of texts")
+    columns = [[e["texts"][0] for e in examples], [e["texts"][1] for e in examples]]
+    if per_row > 2:
+        columns.append([ids for e in examples for ids in e["texts"][2:]])
+    batch = {}
+    for (ids_key, mask_key), texts in zip(COLUMNS, columns):
+        batch[ids_key], batch[mask_key] = _padded(texts, pad_id)
+    batch["scores"] = torch.tensor([float("nan") if e["score"] is None else e["score"] for e in examples],
+                                   dtype=torch.float32)
+    return batch

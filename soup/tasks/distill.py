@@ -97,7 +97,10 @@ class DistillTask(Task):
                               "next-token distributions cannot be compared.\n  fix: train a student on the teacher's "
                               f"tokenizer (model.tokenizer_path={path} with model=tiny, or a model of its family).")
         source = model_source(path, "task.teacher.path")
-        kwargs = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code}
+        # The student's attention implementation: packed batches are collated for it (a flash-attention
+        # row is flat, documents told apart by position ids), and the teacher reads the same batches.
+        kwargs = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code,
+                  "attn_implementation": cfg.model.attn_implementation}
         quant = self.cfg.teacher.quant
         if quant == "none":
             teacher = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device)

