@@ -108,6 +108,9 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None, trust_remot
     if (adapter_dir / "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
     _add_sentence_transformers_files(adapter_dir, model, Path(out_dir))
+    from soup.model_card import write_card_if_from_run
+
+    write_card_if_from_run(adapter_dir, Path(out_dir))  # a model card, when the adapter is a soup run's final/
     return Path(out_dir)
 
 

@@ -62,6 +62,13 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
+    def completion_texts(self, tokenizer) -> list[str]:
+        """Each completion decoded up to its own length (stop token included, special tokens skipped).
+        Not ids * mask: id 0 is an ordinary token in many vocabularies (GPT-2's "!")."""
+        rows = self.completion_ids.tolist()
+        return tokenizer.batch_decode([ids[:n] for ids, n in zip(rows, self.lengths.tolist())],
+                                      skip_special_tokens=True)
+
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)

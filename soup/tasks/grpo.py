@@ -304,7 +304,7 @@ class GRPOTask(Task):
                       any_rank_live=any_rank if forward_is_collective(model) else None)
 
     def _completion_texts(self, rollout) -> list[str]:
-        return self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask, skip_special_tokens=True)
+        return rollout.completion_texts(self.tokenizer)
 
     def _reward_columns(self, rows: list[dict]) -> dict[str, list]:
         """Each row column but the prompt ids, repeated for the row's num_generations completions."""

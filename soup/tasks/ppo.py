@@ -302,8 +302,7 @@ class PPOTask(Task):
         metrics: dict[str, float] = {}
         text_rewards = [(spec, w) for spec, w in self.rewards if spec.name not in id_scored]
         if text_rewards:
-            texts = self.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask,
-                                                skip_special_tokens=True)
+            texts = rollout.completion_texts(self.tokenizer)
             columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt_ids"}
             scores = score(text_rewards, texts, columns)
             total += torch.tensor(scores.total, dtype=torch.float32)

