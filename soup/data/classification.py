@@ -108,14 +108,20 @@ def tokenize_row(row: Row, tokenizer, text_column: str, pair_column: str | None,
     return list(encoded["input_ids"])
 
 
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (N, T) long: the sequences right-padded to the longest."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+    return input_ids, mask
+
+
 def collate_classification(examples: list[dict], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
     """Right-padded input_ids and attention_mask (B, T), labels (B,) long or float."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, example in enumerate(examples):
-        ids[i, :len(example["input_ids"])] = torch.tensor(example["input_ids"])
-        mask[i, :len(example["input_ids"])] = 1
+    ids, mask = right_padded([e["input_ids"] for e in examples], pad_id)
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.float32 if regression else torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -160,12 +166,6 @@ def listwise_group(row: Row, tokenizer, text_column: str, pair_column: str, labe
 def collate_listwise(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask (G * C, T), right-padded, group g's candidates at rows gC..gC+C-1;
     labels (G, C) float."""
-    flat = [ids for e in examples for ids in e["input_ids"]]
-    width = max(len(ids) for ids in flat)
-    input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(flat), width), dtype=torch.long)
-    for i, ids in enumerate(flat):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
+    input_ids, mask = right_padded([ids for e in examples for ids in e["input_ids"]], pad_id)
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

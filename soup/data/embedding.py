@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from soup.data.classification import right_padded
 from soup.data.readers import Row, row_error
 from soup.errors import DataError
 
@@ -138,16 +139,6 @@ def tokenize_rows(rows: Sequence[Row], fmt: EmbeddingFormat, tokenizer, max_leng
 COLUMNS = (("input_ids", "attention_mask"), ("second_ids", "second_mask"), ("negative_ids", "negative_mask"))
 
 
-def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
-    return input_ids, mask
-
-
 def collate_embedding(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """The B first texts (input_ids, attention_mask), the B second texts (second_ids, second_mask)
     and, with hard negatives, each row's K negatives in row order (negative_ids, negative_mask:
@@ -161,7 +152,7 @@ def collate_embedding(examples: list[dict], pad_id: int) -> dict[str, torch.Tens
         columns.append([ids for e in examples for ids in e["texts"][2:]])
     batch = {}
     for (ids_key, mask_key), texts in zip(COLUMNS, columns):
-        batch[ids_key], batch[mask_key] = _padded(texts, pad_id)
+        batch[ids_key], batch[mask_key] = right_padded(texts, pad_id)
     batch["scores"] = torch.tensor([float("nan") if e["score"] is None else e["score"] for e in examples],
                                    dtype=torch.float32)
     return batch
