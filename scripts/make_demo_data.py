@@ -182,6 +182,16 @@ def embedding_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+def choice_rows(rng: random.Random) -> list[dict]:
+    """Multiple choice (soup.eval's demo suite): a country's capital among four cities, the answer a 0-based index."""
+    rows, cities = [], sorted(set(CAPITALS.values()))
+    for country, city in CAPITALS.items():
+        choices = rng.sample([c for c in cities if c != city], 3) + [city]
+        rng.shuffle(choices)
+        rows.append({"question": f"The capital of {country} is", "choices": choices, "answer": choices.index(city)})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict], max_row_bytes: int = MAX_ROW_BYTES) -> None:
     lines = [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
     too_long = [line for line in lines if len(line.encode()) > max_row_bytes]
@@ -199,6 +209,7 @@ def main() -> None:
     write_jsonl(OUT_DIR / "prm.jsonl", prm_rows(random.Random(4)))
     write_jsonl(OUT_DIR / "classifier.jsonl", classifier_rows(random.Random(5)))
     write_jsonl(OUT_DIR / "embedding.jsonl", embedding_rows(random.Random(6)))
+    write_jsonl(OUT_DIR / "choice.jsonl", choice_rows(random.Random(7)))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,38 @@ def silenced() -> Iterator[RunConsole]:
     finally:
         sys.stdout.close()
         sys.stdout = original
+
+
+def hydra_cli(main, user_error: int = 2) -> None:
+    """Run a @hydra.main entry point so that Hydra's own user errors (an unknown key, a bad
+    override) exit with soup's user-error status, not Hydra's 1, which a crash in soup also gives."""
+    from hydra.errors import HydraException
+
+    try:
+        main()
+    except SystemExit as exit_:
+        # Hydra prints its error, then exits 1 from inside the handler that caught it.
+        if exit_.code == 1 and isinstance(exit_.__context__, HydraException):
+            sys.exit(user_error)
+        raise
+
+
+def hydra_job(run, user_error: int = 2):
+    """The body of a @hydra.main entry point: `run(run_dir, overrides)` with the console copied to
+    <run dir>/<job>.log. A SoupError (a user mistake) is printed without a traceback and exits
+    `user_error`, or, in a multirun, fails that job alone (returns None)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from soup.errors import SoupError
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    with copied_to(run_dir / f"{hydra_cfg.job.name}.log") as console:
+        try:
+            return run(run_dir, list(hydra_cfg.overrides.task))
+        except SoupError as exc:
+            console.report_error(f"[soup] error: {exc}")
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                return None  # one bad job must not end the sweep
+            sys.exit(user_error)

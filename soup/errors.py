@@ -47,3 +47,27 @@ def require(module: str, *, package: str | None = None, extra: str, wanted_by: s
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependency(package or module, extra, wanted_by) from exc
+
+
+class Problems:
+    """Every problem of a config, collected so that one run of the checks reports them all.
+
+        problems = Problems()
+        problems.need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: at least 1.")
+        problems.one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+        problems.raise_any()
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def need(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.messages.append(message)
+
+    def one_of(self, flag: str, value, valid) -> None:
+        self.need(value in valid, f"{flag}={value!r} is not an option; valid: {', '.join(map(str, valid))}.")
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in self.messages))

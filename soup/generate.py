@@ -40,12 +40,10 @@ from typing import Any, Iterator, Optional, TextIO
 import hydra
 import jinja2
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from soup.config import resolve_device
-from soup.console import copied_to
+from soup.console import hydra_cli, hydra_job
 from soup.data.dataset import resolve_data_path
 from soup.data.readers import Row, read_rows, row_error
 from soup.data.templates import PRESETS, validate_template
@@ -342,35 +340,21 @@ def render_prompt(row: Row, tokenizer, template: Optional[str], system_prompt: O
 
 def generate_batch(model, tokenizer, prompts: list[Prompt], cfg: DictConfig, output: Path) -> GenerateResult:
     """Sample every prompt, batch_size at a time in file order, and write one row each to `output`."""
-    limit = context_limit(model)
-    for prompt in prompts:
-        if limit and len(prompt.ids) + cfg.max_new_tokens > limit:
-            raise row_error(prompt.row, f"the prompt is {len(prompt.ids)} tokens, and with max_new_tokens="
-                                        f"{cfg.max_new_tokens} it passes the model's {limit} positions",
-                            fix=f"lower max_new_tokens to {max(limit - len(prompt.ids), 0)} or less, or shorten "
-                                "the prompt.")
-    device = next(model.parameters()).device
-    params = sampling_params(cfg)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    stops = stop_ids_of(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    check_context(prompts, model, cfg.max_new_tokens)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     output.parent.mkdir(parents=True, exist_ok=True)
     existed = output.exists()
     result = GenerateResult(output_file=output)
     finish_counts = {"stop": 0, "length": 0}
     started = time.perf_counter()
     with open(output, "w", encoding="utf-8") as out:
-        for start in range(0, len(prompts), cfg.batch_size):
-            batch = prompts[start:start + cfg.batch_size]
-            rollout = sample(model, [p.ids for p in batch], params, pad_id=pad_id, stop_ids=stops, generator=generator)
-            for prompt, ids, length, truncated in zip(batch, rollout.completion_ids.tolist(), rollout.lengths.tolist(),
-                                                      rollout.truncated.tolist()):
-                finish = "length" if truncated else "stop"
-                finish_counts[finish] += 1
-                result.completion_tokens += length
-                completion = decode_after(tokenizer, prompt.ids[-CONTEXT_TOKENS:], ids[:length])
-                out.write(json.dumps({"prompt": prompt.shown, "completion": completion, "finish_reason": finish,
-                                      "tokens": length}, ensure_ascii=False) + "\n")
+        for batch in sample_prompts(model, tokenizer, prompts, sampling_params(cfg), cfg.batch_size, generator):
+            for prompt, done in zip(batch.prompts, batch.completions):
+                finish_counts[done.finish_reason] += 1
+                result.completion_tokens += done.tokens
+                out.write(json.dumps({"prompt": prompt.shown, "completion": done.text,
+                                      "finish_reason": done.finish_reason, "tokens": done.tokens},
+                                     ensure_ascii=False) + "\n")
             out.flush()  # a stopped run keeps its finished batches
     result.generate_s = time.perf_counter() - started
     result.rows = len(prompts)
@@ -380,6 +364,45 @@ def generate_batch(model, tokenizer, prompts: list[Prompt], cfg: DictConfig, out
           f"{result.completion_tokens} tokens in {result.generate_s:.2f} s, {result.tokens_per_s:.1f} tokens/s "
           f"-> {output}{' (overwritten)' if existed else ''}")
     return result
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # stop | length
+    tokens: int
+
+
+@dataclass
+class SampledBatch:
+    prompts: list[Prompt]
+    completions: list[Completion]
+
+
+def check_context(prompts: list[Prompt], model, max_new_tokens: int) -> None:
+    """A row error for the first prompt that, with max_new_tokens, passes the model's positions."""
+    limit = context_limit(model)
+    for prompt in prompts:
+        if limit and len(prompt.ids) + max_new_tokens > limit:
+            raise row_error(prompt.row, f"the prompt is {len(prompt.ids)} tokens, and with max_new_tokens="
+                                        f"{max_new_tokens} it passes the model's {limit} positions",
+                            fix=f"lower max_new_tokens to {max(limit - len(prompt.ids), 0)} or less, or shorten "
+                                "the prompt.")
+
+
+def sample_prompts(model, tokenizer, prompts: list[Prompt], params: SamplingParams, batch_size: int,
+                   generator: torch.Generator) -> Iterator[SampledBatch]:
+    """The rollout engine over `prompts`, batch_size at a time in order: each batch's decoded completions."""
+    stops = stop_ids_of(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        rollout = sample(model, [p.ids for p in batch], params, pad_id=pad_id, stop_ids=stops, generator=generator)
+        completions = [Completion(decode_after(tokenizer, prompt.ids[-CONTEXT_TOKENS:], ids[:length]),
+                                  "length" if truncated else "stop", length)
+                       for prompt, ids, length, truncated in zip(batch, rollout.completion_ids.tolist(),
+                                                                 rollout.lengths.tolist(), rollout.truncated.tolist())]
+        yield SampledBatch(batch, completions)
 
 
 # ---------------------------------------------------------------- chat mode
@@ -529,29 +552,12 @@ def chat(model, tokenizer, template: str, cfg: DictConfig, stdin: TextIO) -> Gen
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    with copied_to(run_dir / f"{hydra_cfg.job.name}.log") as console:
-        try:
-            generate(cfg, run_dir, list(hydra_cfg.overrides.task))
-        except SoupError as exc:
-            console.report_error(f"[soup] error: {exc}")
-            if hydra_cfg.mode == RunMode.MULTIRUN:
-                return  # one bad job must not end the sweep
-            sys.exit(USER_ERROR)
+    hydra_job(lambda run_dir, overrides: generate(cfg, run_dir, overrides), USER_ERROR)
 
 
 def cli() -> None:
-    """`python -m soup.generate`: Hydra's own user errors (an unknown key, a bad override) exit
-    with soup's user-error status too, not Hydra's 1, which a crash in soup also gives."""
-    from hydra.errors import HydraException
-
-    try:
-        main()
-    except SystemExit as exit_:
-        if exit_.code == 1 and isinstance(exit_.__context__, HydraException):
-            sys.exit(USER_ERROR)
-        raise
+    """`python -m soup.generate`, with Hydra's user errors exiting USER_ERROR (soup/console.py)."""
+    hydra_cli(main, USER_ERROR)
 
 
 if __name__ == "__main__":

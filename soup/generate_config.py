@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from soup.config.schema import ModelConfig, QuantConfig, register_configs
-from soup.errors import ConfigError
+from soup.errors import Problems
 
 MODES = ("batch", "chat")
 # fp8 and int8_qat are ways of training; a model trained with int8_qat saved its converted weights in final/.
@@ -87,22 +87,11 @@ def validate_generate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = 
 
     `overrides`: the command-line overrides; a flag they name that this mode does not read is an error."""
     named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    problems: list[str] = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    def one_of(flag: str, value, valid) -> None:
-        need(value in valid, f"{flag}={value!r} is not an option; valid: {', '.join(valid)}.")
+    problems = Problems()
+    need, one_of = problems.need, problems.one_of
 
     one_of("mode", cfg.mode, MODES)
-    one_of("model", cfg.model.name, MODELS)
-    one_of("model.dtype", cfg.model.dtype, DTYPES)
-    one_of("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
-    one_of("device", cfg.device, DEVICES)
-    need(cfg.quant.name in QUANTS, f"quant={cfg.quant.name} is a way of training; generation loads weights as "
-                                   f"they are or through bitsandbytes.\n    fix: quant={' | quant='.join(QUANTS)}.")
+    check_model_flags(cfg, named, problems)
     if cfg.mode == "batch":
         need(bool(cfg.prompts_file), "mode=batch needs prompts_file.\n    fix: prompts_file=prompts.jsonl (rows with "
                                      "`prompt` or `messages`), or mode=chat for a conversation on the terminal.")
@@ -110,13 +99,6 @@ def validate_generate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = 
         need(cfg.mode == "batch" or flag not in named,
              f"{flag} is read in mode=batch only, and this is mode={cfg.mode}.\n"
              f"    fix: drop {flag}, or set mode=batch.")
-    if cfg.checkpoint is None:
-        need(cfg.model.name != "hf" or bool(cfg.model.path),
-             "model=hf needs model.path (a local directory or a hub id), or give checkpoint=<a run's final/>.")
-    else:
-        shaped = sorted(flag for flag in named if flag.startswith("model.tiny."))
-        need(not shaped, f"{', '.join(shaped)} shape a model built from scratch; with checkpoint= the weights and "
-                         "their shape come from the checkpoint.\n    fix: drop them.")
     need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: at least 1.")
     need(cfg.max_rows is None or cfg.max_rows >= 1, f"max_rows={cfg.max_rows}: at least 1, or null for every row.")
     need(cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens}: at least 1.")
@@ -125,7 +107,24 @@ def validate_generate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = 
     need(cfg.top_k >= 0, f"top_k={cfg.top_k}: 0 (off) or more.")
     need(0 <= cfg.min_p < 1, f"min_p={cfg.min_p}: in [0, 1); 0 turns it off.")
     need(cfg.repetition_penalty > 0, f"repetition_penalty={cfg.repetition_penalty}: above 0; 1.0 turns it off.")
+    problems.raise_any()
+
+
+def check_model_flags(cfg: DictConfig, named: set[str], problems: Problems) -> None:
+    """The model, quant, checkpoint and device flags soup.generate and soup.eval share."""
+    need, one_of = problems.need, problems.one_of
+    one_of("model", cfg.model.name, MODELS)
+    one_of("model.dtype", cfg.model.dtype, DTYPES)
+    one_of("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
+    one_of("device", cfg.device, DEVICES)
+    need(cfg.quant.name in QUANTS, f"quant={cfg.quant.name} is a way of training; a sampled or evaluated model is "
+                                   f"loaded as it is or through bitsandbytes.\n    fix: quant={' | quant='.join(QUANTS)}.")
+    if cfg.checkpoint is None:
+        need(cfg.model.name != "hf" or bool(cfg.model.path),
+             "model=hf needs model.path (a local directory or a hub id), or give checkpoint=<a run's final/>.")
+    else:
+        shaped = sorted(flag for flag in named if flag.startswith("model.tiny."))
+        need(not shaped, f"{', '.join(shaped)} shape a model built from scratch; with checkpoint= the weights and "
+                         "their shape come from the checkpoint.\n    fix: drop them.")
     need(cfg.device != "cuda" or torch.cuda.is_available(), "device=cuda, and torch sees no CUDA device.\n"
                                                             "    fix: device=auto or device=cpu.")
-    if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

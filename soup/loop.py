@@ -180,6 +180,7 @@ def train_loop(
     eval_collate: Callable[[list], Batch] | None = None,
     resume_from: Path | None = None,
     resume_changes: list[dict] = (),
+    eval_gate=None,
 ) -> LoopResult:
     """Optimise `model` on `train_examples`. `sampler` defaults to shuffled micro-batches
     of train.micro_batch_size (multipack passes its own); `eval_collate` defaults to `collate`.
@@ -187,7 +188,8 @@ def train_loop(
     `resume_from`: a verified checkpoint to continue from (soup/train.py checks its config
     first); `resume_changes`: the keys this resume changes (soup/config/resume.py), recorded
     in later checkpoints. A run that resumes a changed length or lr recomputes each group's
-    lr for the new schedule from the checkpoint's step on."""
+    lr for the new schedule from the checkpoint's step on. `eval_gate`: soup/evals/gate.py's
+    EvalGate (train.eval_gate), which may stop the run with a checkpoint."""
     train_cfg = cfg.train
     world = current_world()
     if sampler is None:
@@ -249,6 +251,8 @@ def train_loop(
         sampler.load_state_dict(state["sampler"])
         if spike_guard is not None:
             spike_guard.load_state_dict(state.get("spike_guard", {}))
+        if eval_gate is not None:
+            eval_gate.load_state_dict(state.get("eval_gate", {}))
         step, trained_units = state["step"], state["trained_units"]
         consumed_micro, train_time_s = state["consumed_micro_batches"], state["train_time_s"]
         if scaler is not None and "grad_scaler" in extra:
@@ -279,6 +283,8 @@ def train_loop(
         }
         if spike_guard is not None:
             trainer_state["spike_guard"] = spike_guard.state_dict()
+        if eval_gate is not None:
+            trainer_state["eval_gate"] = eval_gate.state_dict()
         extra = {"task": task.state_dict()}
         if any(rank_task):
             extra["rank_task"] = rank_task
@@ -347,6 +353,14 @@ def train_loop(
         tracker.log(metrics, step, split="eval")
         return metrics.get("loss")
 
+    def gate_stops() -> bool:
+        """Run the eval gate's suite now; whether it says stop."""
+        prepare_for_eval(optimizer)
+        check = eval_gate.check(policy, step, tracker)
+        prepare_for_train(optimizer)
+        policy.train()
+        return eval_gate.stops(check)
+
     model.train()
     prepare_for_train(optimizer)
     reset_peak_memory(device)
@@ -355,6 +369,10 @@ def train_loop(
     bar = tqdm(total=total_steps, initial=step, disable=not train_cfg.progress_bar, unit="step", dynamic_ncols=True)
     if train_cfg.eval_at_start and step == 0:
         run_eval()
+    if eval_gate is not None:
+        print(f"[soup] {eval_gate.describe()}")
+        if step == 0 and eval_gate.needs_start:
+            gate_stops()  # the baseline
     stop = StopFlag()
     with stop.installed():
         while step < total_steps:
@@ -364,6 +382,7 @@ def train_loop(
                 if n_micro <= 0:  # the epochs' data ran out first: a spike recovery skipped some
                     break
             step_start = time.perf_counter()
+            epoch_before = consumed_micro / sampler.batches_per_epoch
             task.begin_step(step, total_steps, consumed_micro / sampler.batches_per_epoch, policy)
             draws = task.draws_rows(step)
             micro_rows = [[train_examples[i] for i in sampler.next_batch()] for _ in range(n_micro)] if draws else []
@@ -442,6 +461,14 @@ def train_loop(
 
             if train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0:
                 last_eval, evaluated_at = run_eval(), step
+            if eval_gate is not None and eval_gate.due(step, epoch_before, consumed_micro / sampler.batches_per_epoch) \
+                    and gate_stops():
+                if evaluated_at != step:
+                    last_eval = run_eval()
+                last_checkpoint = checkpoint_now()
+                bar.close()
+                print(f"[soup] stopped by the eval gate at step {step}; checkpoint: {last_checkpoint}")
+                return result("eval_gate")
             if train_cfg.save_every_steps and step % train_cfg.save_every_steps == 0:
                 last_checkpoint = checkpoint_now()
             if any_rank(stop.signum is not None):  # every rank stops at the same step

@@ -153,7 +153,8 @@ def hyperparameters(cfg: dict, stats: dict) -> list[tuple[str, str]]:
 
 
 def evaluation_lines(run_dir: Path, stats: dict) -> list[str]:
-    """The final eval loss (run.json) and every metric of the last eval line of metrics.jsonl."""
+    """The final eval loss (run.json), every metric of the last eval line of metrics.jsonl, and the
+    metrics of the run's eval.json (python -m soup.eval) when it has one."""
     lines = []
     eval_loss, train_loss = stats.get("final_eval_loss"), stats.get("final_train_loss")
     if eval_loss is not None:
@@ -169,6 +170,12 @@ def evaluation_lines(run_dir: Path, stats: dict) -> list[str]:
         shown = {k: v for k, v in last.items() if k not in ("step", "split", "time", "nonfinite")}
         lines.append(f"- last eval (step {last['step']}): "
                      + ", ".join(f"{key} {_number(value)}" for key, value in shown.items()))
+    suite_path = run_dir / "eval.json"
+    if suite_path.is_file():  # python -m soup.eval's latest evaluation of this run
+        suite = json.loads(suite_path.read_text(encoding="utf-8"))
+        lines.append(f"- python -m soup.eval, suite {Path(suite['suite']['path']).name} (sha256 "
+                     f"{suite['suite']['sha256'][:12]}), at step {suite.get('step')}: "
+                     + ", ".join(f"{key} {_number(value)}" for key, value in suite["metrics"].items()))
     return lines
 
 

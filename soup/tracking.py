@@ -314,6 +314,24 @@ def reset_peak_memory(device: torch.device) -> None:
 # --------------------------------------------------------------------------- run record
 
 
+def provenance() -> dict:
+    """What produced a record (run.json, eval.json): soup/python/package versions, the git commit of
+    the soup source (and whether it had uncommitted edits), the device, the host, the command line
+    and the time."""
+    import soup
+
+    return {
+        "soup_version": soup.__version__,
+        "python_version": platform.python_version(),
+        "packages": {name: _package_version(name) for name in RECORDED_PACKAGES},
+        "git": git_state(Path(soup.__file__).parent),
+        "device": _device_description(),
+        "hostname": socket.gethostname(),
+        "command": list(sys.argv),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def write_run_record(run_dir: Path, config: dict, stats: dict, data_files: list[str]) -> Path:
     """Write run_dir/run.json: what ran, where, on what data, and how it went.
 
@@ -323,19 +341,10 @@ def write_run_record(run_dir: Path, config: dict, stats: dict, data_files: list[
     the resolved config, the caller's `stats` and a sha256 of every data file.
     Written atomically so a reader never sees half a file.
     """
-    import soup
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "soup_version": soup.__version__,
-        "python_version": platform.python_version(),
-        "packages": {name: _package_version(name) for name in RECORDED_PACKAGES},
-        "git": git_state(Path(soup.__file__).parent),
-        "device": _device_description(),
-        "hostname": socket.gethostname(),
-        "command": list(sys.argv),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance(),
         "config": config,
         "stats": stats,
         "data_files": [_file_record(Path(p)) for p in data_files],

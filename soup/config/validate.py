@@ -297,6 +297,17 @@ def _check_train(cfg: DictConfig, need) -> None:
         need(cfg.parallelism.name not in ("deepspeed_zero2", "deepspeed_zero3"),
              f"train.spike_factor with parallelism={cfg.parallelism.name}: DeepSpeed's engine keeps its own "
              "gradient state, which the rollback does not reset yet.\n    fix: parallelism=ddp or fsdp2.")
+    if train.eval_gate is not None:
+        from soup.evals.gate import check_gate_config
+
+        check_gate_config(train, need)
+        need(cfg.parallelism.name == "single", f"train.eval_gate runs its suite in one process; parallelism="
+                                               f"{cfg.parallelism.name} has several.\n    fix: parallelism=single, or "
+                                               "evaluate checkpoints with python -m soup.eval beside the run.")
+        need(cfg.task.name not in ("classifier", "embedding", "reward_model", "prm"),
+             f"train.eval_gate evaluates a language model, and task={cfg.task.name} trains a "
+             f"{'classifier' if cfg.task.name != 'embedding' else 'text encoder'}.\n    fix: drop train.eval_gate "
+             "(its own metrics come with train.eval_every_steps).")
     if cfg.resume not in (None, "auto"):
         need(os.path.isdir(cfg.resume), f"resume={cfg.resume!r} is not a checkpoint directory; "
                                          "use resume=auto or a path like <run dir>/checkpoints/step-100.")

@@ -58,6 +58,10 @@ DISTILL = ["task=distill", f"task.teacher.path={HF}"]  # the {hf} model shares m
 CLASSIFIER = ["task=classifier", "data=file", "data.train_file={cls_file}"]
 EMBEDDING = ["task=embedding", "data=file", "data.train_file={emb_file}"]
 EMBEDDING_SCORED = ["task=embedding", "task.loss=cosent", "data=file", "data.train_file={emb_scored_file}"]
+# The eval gate on a four-row multiple-choice suite, each step; GATE_STRICT against a baseline no
+# tiny model reaches (every accuracy 1.0), so it regresses at once.
+GATE = ["train.eval_gate={gate_suite}", "train.eval_gate_every_steps=1"]
+GATE_STRICT = [*GATE, "train.eval_gate_baseline={gate_baseline}", "train.eval_gate_metrics=[capitals/acc]"]
 
 # field: (setting where it applies, the change). A setting or change is a list of overrides.
 LIVE: dict[str, tuple[list[str], list[str]]] = {
@@ -85,6 +89,14 @@ LIVE: dict[str, tuple[list[str], list[str]]] = {
     "train.lr_finder_min_lr": (["train.lr_finder=true", "train.lr_finder_steps=5"], ["train.lr_finder_min_lr=1e-4"]),
     "train.lr_finder_max_lr": (["train.lr_finder=true", "train.lr_finder_steps=5"], ["train.lr_finder_max_lr=0.01"]),
     "train.lr_finder_steps": (["train.lr_finder=true", "train.lr_finder_steps=5"], ["train.lr_finder_steps=4"]),
+    "train.eval_gate": ([], ["train.eval_gate={gate_suite}", "train.eval_gate_every_steps=1"]),
+    "train.eval_gate_every_steps": (GATE, ["train.eval_gate_every_steps=2"]),
+    "train.eval_gate_every_epochs": (["train.eval_gate={gate_suite}", "train.eval_gate_every_epochs=1"],
+                                     ["train.eval_gate_every_epochs=2"]),
+    "train.eval_gate_metrics": (GATE_STRICT, ["train.eval_gate_metrics=[capitals/acc_norm]"]),
+    "train.eval_gate_threshold": (GATE_STRICT, ["train.eval_gate_threshold=1.0"]),
+    "train.eval_gate_action": (GATE_STRICT, ["train.eval_gate_action=warn"]),
+    "train.eval_gate_baseline": (GATE, ["train.eval_gate_baseline={gate_baseline}"]),
     "task.loss": (EMBEDDING_SCORED, ["task.loss=cosine"]),
     "task.scale": (EMBEDDING, ["task.scale=5.0"]),
     "task.symmetric": (EMBEDDING, ["task.symmetric=true"]),
@@ -466,13 +478,16 @@ def paths(tmp_path_factory):
     scored = [{"sentence1": f"A {['cat', 'dog', 'bird'][i % 3]} sleeps ({i}).", "sentence2": f"A pet naps ({i % 5}).",
                "score": (i % 5) / 5, "rating": ((i * 3) % 7) / 7} for i in range(30)]
     (root / "emb_scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    (root / "gate_suite.yaml").write_text("tasks:\n  capitals:\n    kind: multiple_choice\n"
+                                          "    file: pkg://demo/choice.jsonl\n    max_rows: 4\n")
+    (root / "gate_baseline.json").write_text(json.dumps({"metrics": {"capitals/acc": 1.0, "capitals/acc_norm": 1.0}}))
     questions = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
     (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions))
     return {"questions_file": root / "questions.jsonl","hf": root / "hf", "hf_other": root / "hf_other", "remote": remote, "tokenizer": root / "tokenizer",
             "sft_file": root / "sft.jsonl", "text_file": root / "text.jsonl", "dual_file": root / "dual.jsonl",
             "len_reward": root / "len_reward.py", "rm": root / "rm", "cls_file": root / "cls.jsonl",
             "emb_file": root / "emb.jsonl", "emb_scored_file": root / "emb_scored.jsonl",
-            "root": root}
+            "gate_suite": root / "gate_suite.yaml", "gate_baseline": root / "gate_baseline.json", "root": root}
 
 
 class Runner:
