@@ -1,11 +1,12 @@
 """Entry point: run an evaluation suite on a run's final model, or on any model folder.
 
-    python -m soup.eval checkpoint=outputs/<date>/<time> suite=suite.yaml
-    python -m soup.eval checkpoint=path/to/any/hf_model suite=pkg://suites/demo.yaml
-    python -m soup.eval model=hf model.path=../shared/models/stories260k suite=suite.yaml
+    python -m soup.eval checkpoint=outputs/<date>/<time> suite=file suite.file=suite.yaml
+    python -m soup.eval checkpoint=path/to/any/hf_model                  # suite=demo, the bundled one
+    python -m soup.eval checkpoint=outputs/<date>/<time> suite.tasks.sums.max_new_tokens=64
 
-The config is conf/eval.yaml: soup.train's `model` and `quant` groups plus the fields of
-soup/evals/config.py. The suite file (layout: soup/evals/suite.py) lists the tasks: loss /
+The config is conf/eval.yaml: soup.train's `model` and `quant` groups, the `suite` group
+(conf/suite/: a suite file, whose tasks `suite.tasks.<task>.<field>=` overrides or extends), and
+the fields of soup/evals/config.py. A suite (layout: soup/evals/suite.py) lists the tasks: loss /
 perplexity on a file, generation scored exactly (the RL rewards' answer parsers, exact match,
 regex, JSON, tool calls), multiple choice by log-likelihood, a local judge model with a rubric,
 and lm-evaluation-harness tasks from local files.
@@ -13,8 +14,8 @@ and lm-evaluation-harness tasks from local files.
 The checkpoint is loaded as soup.generate loads it (a full model, or an adapter on the base
 soup.merge finds for it). When it belongs to a run (checkpoint= the run directory or its final/),
 the run's own config gives the loss tasks their tokenization, batch size and precision, so a
-loss here is the loss the training loop logged; and the results go into the run directory:
-eval.json (every metric, the suite's hash, the versions), eval_samples/<task>.jsonl (each
+loss here is the loss the training loop logged; and the results go into the run directory
+(in a --multirun, each job's own directory, so the jobs keep their results apart): eval.json (every metric, the suite's hash, the versions), eval_samples/<task>.jsonl (each
 row's prompt, completion, extracted answer and score), and the run's tracker (split "suite",
 at the run's last step). Otherwise they go to this command's own directory (outputs/eval/...).
 
@@ -38,7 +39,7 @@ from soup.console import hydra_cli, hydra_job
 from soup.evals.config import register_eval_configs, validate_eval
 from soup.evals.runner import (EvalContext, TaskResult, flat_metrics, lower_is_better, run_suite,
                                write_samples)
-from soup.evals.suite import Suite, read_suite
+from soup.evals.suite import Suite, compose_suite
 
 register_eval_configs()
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -81,7 +82,7 @@ def evaluate_suite(cfg: DictConfig, out_dir: Path, overrides: list[str] | tuple[
     from soup.precision import resolve_precision
 
     validate_eval(cfg, overrides)
-    suite = read_suite(cfg.suite)
+    suite = compose_suite(cfg.suite)
     located = locate(cfg.checkpoint)
     device = resolve_device(cfg.device)
     load_cfg = OmegaConf.merge(cfg, {"checkpoint": None if located.model_dir is None else str(located.model_dir)})
@@ -103,14 +104,23 @@ def evaluate_suite(cfg: DictConfig, out_dir: Path, overrides: list[str] | tuple[
         return loaded["model"]
 
     ctx = EvalContext(model, tokenizer, device, cfg.batch_size, cfg.seed, precision, located.run_config, template)
-    print(f"[soup] suite {suite.path} ({len(suite.tasks)} tasks: {', '.join(t.name for t in suite.tasks)})"
+    print(f"[soup] suite {suite.origin} ({len(suite.tasks)} tasks: {', '.join(t.name for t in suite.tasks)})"
           + (f" | run {located.run_dir}" if located.run_dir else ""))
     started = time.perf_counter()
     results = run_suite(suite, ctx)
-    output = Path(cfg.output_dir).expanduser() if cfg.output_dir else (located.run_dir or out_dir)
+    # The jobs of a --multirun each keep their own results (in their job directory), not one run's eval.json.
+    output = Path(cfg.output_dir).expanduser() if cfg.output_dir else (
+        out_dir if in_multirun() else (located.run_dir or out_dir))
     record = eval_record(suite, results, located, cfg, precision, loaded.get("label"), time.perf_counter() - started)
     write_eval(output, record, results, located)
     return record
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def eval_record(suite: Suite, results: list[TaskResult], located: Located, cfg: DictConfig, precision: str,
@@ -122,7 +132,7 @@ def eval_record(suite: Suite, results: list[TaskResult], located: Located, cfg: 
         "metrics": metrics,
         "lower_is_better": sorted(k for k in metrics if lower_is_better(k)),
         "tasks": {r.name: {"kind": r.kind, "rows": r.rows, "metrics": r.metrics, **r.info} for r in results},
-        "suite": {"path": str(suite.path), "sha256": suite.sha256},
+        "suite": {"origin": suite.origin, "sha256": suite.sha256, "tasks": [t.name for t in suite.tasks]},
         "checkpoint": None if located.model_dir is None else str(located.model_dir),
         "model": model_label or "not loaded (every task scored given completions)",
         "run_dir": None if located.run_dir is None else str(located.run_dir),

@@ -173,7 +173,7 @@ def evaluation_lines(run_dir: Path, stats: dict) -> list[str]:
     suite_path = run_dir / "eval.json"
     if suite_path.is_file():  # python -m soup.eval's latest evaluation of this run
         suite = json.loads(suite_path.read_text(encoding="utf-8"))
-        lines.append(f"- python -m soup.eval, suite {Path(suite['suite']['path']).name} (sha256 "
+        lines.append(f"- python -m soup.eval, suite {suite['suite']['origin']} (sha256 "
                      f"{suite['suite']['sha256'][:12]}), at step {suite.get('step')}: "
                      + ", ".join(f"{key} {_number(value)}" for key, value in suite["metrics"].items()))
     return lines

@@ -115,6 +115,13 @@ def format_show(run: Run, summary: dict, last_lines: int) -> str:
     for file in files:
         out.append(f"  {file.get('sha256')}  {file.get('path')}  ({file.get('size_bytes', 0):,} bytes)")
 
+    evaluation = run.path / "eval.json"
+    if evaluation.is_file():  # python -m soup.eval's latest evaluation of this run
+        suite = json.loads(evaluation.read_text(encoding="utf-8"))
+        out += ["", f"eval.json (python -m soup.eval, suite {suite.get('suite', {}).get('origin')}, at step "
+                    f"{suite.get('step')}, {suite.get('created_at', MISSING)}):"]
+        out += [f"  {key}: {format_value(value)}" for key, value in suite.get("metrics", {}).items()]
+
     shown = run.metrics[-last_lines:] if last_lines > 0 else []
     out += ["", f"metrics.jsonl, last {len(shown)} of {len(run.metrics)} lines:"]
     out += ["  " + json.dumps(row) for row in shown]

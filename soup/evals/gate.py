@@ -58,7 +58,8 @@ def suite_metric_names(suite: Suite) -> Optional[set[str]]:
     """Every metric the suite can report, or None when an lm_eval task makes it unknowable up front."""
     if any(task.kind not in KIND_METRICS for task in suite.tasks):
         return None
-    return {f"{task.name}/{metric}" for task in suite.tasks for metric in KIND_METRICS[task.kind]}
+    return {f"{task.name}/{metric}" for task in suite.tasks for metric in KIND_METRICS[task.kind]
+            if metric != "name_accuracy" or task.scorer == "tool_call"}
 
 
 def check_gate_config(train: DictConfig, need) -> None:
@@ -82,7 +83,7 @@ def check_gate_config(train: DictConfig, need) -> None:
     known = suite_metric_names(suite)
     for metric in train.eval_gate_metrics:
         need(known is None or metric in known,
-             f"train.eval_gate_metrics names {metric!r}, which the suite {suite.path} does not report.\n"
+             f"train.eval_gate_metrics names {metric!r}, which the suite {suite.origin} does not report.\n"
              f"    fix: one of {', '.join(sorted(known or ()))}.")
         need(baseline is None or metric in baseline,
              f"train.eval_gate_metrics names {metric!r}, which the baseline {train.eval_gate_baseline} does not "
@@ -118,7 +119,7 @@ class EvalGate:
         cadence = (f"every {self.every_steps} steps" if self.every_steps else f"every {self.every_epochs} epochs")
         baseline = self.baseline_source or "its first evaluation, before step 1"
         watched = ", ".join(self.watched) or "every metric"
-        return (f"eval gate: suite {self.suite.path} {cadence}; {watched} against {baseline}, threshold "
+        return (f"eval gate: suite {self.suite.origin} {cadence}; {watched} against {baseline}, threshold "
                 f"{self.threshold:g}, on regression: {self.action}")
 
     @property
@@ -177,6 +178,6 @@ class EvalGate:
 
     def summary(self) -> dict:
         """For run.json: the baseline, and every evaluation with its regressions."""
-        return {"suite": str(self.suite.path), "suite_sha256": self.suite.sha256, "action": self.action,
+        return {"suite": str(self.suite.origin), "suite_sha256": self.suite.sha256, "action": self.action,
                 "threshold": self.threshold, "baseline_source": self.baseline_source or "first evaluation",
                 "baseline": self.baseline, "evaluations": [c.record() for c in self.history]}

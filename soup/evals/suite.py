@@ -1,4 +1,4 @@
-"""A suite file: the evaluation tasks `python -m soup.eval` and `train.eval_gate` run.
+"""A suite: the evaluation tasks `python -m soup.eval` and `train.eval_gate` run.
 
     # suite.yaml -- relative paths resolve against this file's folder
     tasks:
@@ -11,15 +11,23 @@
         scorer: answer          # the `accuracy` reward's parser: ####, \\boxed{}, numbers exactly
         max_new_tokens: 256
 
+soup.eval composes its suite like soup.train composes data: the `suite` group (conf/suite/)
+names a suite file (`suite=demo`, or `suite=file suite.file=suite.yaml`), and `suite.tasks.<task>.
+<field>=...` on the command line sets a field over the file's (or adds a task), so a sweep can
+vary one: `--multirun suite.tasks.gsm8k.max_new_tokens=128,512`. A suite file may itself name a
+base file (`file: base.yaml`) whose tasks its own `tasks` extend the same way. train.eval_gate
+takes a suite file, or the name of one of conf/suite/.
+
 Each kind reads the fields of KINDS below and no others: a field a kind does not read, a
-misspelt one, a wrong type or a missing file is an error naming the file, line and task,
-before any model loads (nothing in a suite is silently ignored).
+misspelt one, a wrong type or a missing file is an error naming the file and line (or the
+flag) and the task, before any model loads (nothing in a suite is silently ignored).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,33 +91,121 @@ class SuiteTask:
 
 @dataclass
 class Suite:
-    path: Path
-    sha256: str
+    origin: str  # the suite file, or "soup.eval's suite group (<its file>)"
+    sha256: str  # of the checked tasks (every field, defaults included): equal hashes, equal evaluations
     tasks: list[SuiteTask] = field(default_factory=list)
 
 
+@dataclass
+class RawTask:
+    """A task's fields as written, before the checks, and where they were written."""
+
+    spec: dict[str, Any]
+    where: str
+
+
+CONF_SUITES = Path(__file__).resolve().parents[2] / "conf" / "suite"
+# A conf/suite/ file is a Hydra config too: its `defaults` list is Hydra's (the group's schema).
+DOCUMENT_KEYS = ("name", "file", "tasks", "defaults")
+PATH_FIELDS = ("file", "include_path", "judge")
+
+
 def read_suite(value: str, flag: str = "suite") -> Suite:
-    """The checked suite at `value` (a path: the launch directory first, then soup/assets; or pkg://...)."""
-    path = resolve_data_path(value, flag)
+    """The checked suite of a file: a path (the launch directory first, then soup/assets), pkg://...,
+    or the name of a suite in conf/suite/ (train.eval_gate=demo)."""
+    path = suite_path(value, flag)
+    return _checked(str(path), _file_tasks(path, flag))
+
+
+def compose_suite(node) -> Suite:
+    """soup.eval's `suite` group (a DictConfig): suite.file's tasks, with suite.tasks merged over them."""
+    from omegaconf import OmegaConf
+
+    from soup.data.dataset import _launch_dir
+
+    document = OmegaConf.to_container(node, resolve=True)
+    base = document.get("file")
+    tasks = _file_tasks(suite_path(base, "suite.file"), "suite.file") if base else {}
+    tasks = _merged(tasks, document.get("tasks") or {}, _launch_dir(), lambda name: f"suite.tasks.{name}")
+    if not tasks:
+        raise ConfigError("the suite has no task.\n  fix: suite=demo, suite=file suite.file=<suite.yaml>, or add "
+                          "one: 'suite.tasks.heldout={kind: loss, file: val.jsonl}'.")
+    origin = f"soup.eval's suite group ({document.get('name')}{f': {suite_path(base, None)}' if base else ''})"
+    return _checked(origin, tasks)
+
+
+def suite_path(value: str, flag: Optional[str]) -> Path:
+    named = CONF_SUITES / f"{value}.yaml"
+    if "/" not in value and not value.endswith((".yaml", ".yml")) and named.is_file():
+        return named
+    path = resolve_data_path(value, flag or "suite")
     if not path.is_file():
         raise ConfigError(f"{flag}={value}: no such file ({path}).\n  fix: point {flag} at a suite YAML file "
-                          "(see soup/evals/suite.py for its layout).")
+                          f"(layout: soup/evals/suite.py), or name one of conf/suite/: "
+                          f"{', '.join(sorted(p.stem for p in CONF_SUITES.glob('*.yaml')))}.")
+    return path
+
+
+def _file_tasks(path: Path, flag: str, depth: int = 0) -> dict[str, RawTask]:
+    """A suite file's tasks as written (its base file's first), paths made absolute against its folder."""
     text = path.read_text(encoding="utf-8")
     try:
         root = yaml.compose(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}\n  fix: correct the file's syntax.") from None
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict) or set(data) != {"tasks"} or not isinstance(data["tasks"], dict) or not data["tasks"]:
-        raise ConfigError(f"{path}: a suite is a mapping with one key, `tasks`, naming at least one task "
-                          f"(found {type(data).__name__ if not isinstance(data, dict) else ', '.join(map(str, data))})."
-                          "\n  fix: write `tasks:` then one mapping per task, e.g. `heldout: {kind: loss, file: "
-                          "val.jsonl}`.")
+    unknown = sorted(set(data) - set(DOCUMENT_KEYS)) if isinstance(data, dict) else None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if unknown is None or unknown or not isinstance(tasks, (dict, type(None))) or not (tasks or data.get("file")):
+        found = type(data).__name__ if not isinstance(data, dict) else ", ".join(map(str, data)) or "nothing"
+        raise ConfigError(f"{path}: a suite is a mapping with `tasks` naming at least one task (and optionally a "
+                          f"base `file` and a `name`); found {found}.\n  fix: write `tasks:` then one mapping per "
+                          "task, e.g. `heldout: {kind: loss, file: val.jsonl}`.")
+    base = {}
+    if data.get("file"):
+        if depth >= 8:
+            raise ConfigError(f"{path}: its base files name each other in a loop.\n  fix: break the chain of `file:`.")
+        base_path = Path(data["file"]).expanduser()
+        base_path = base_path if base_path.is_absolute() or data["file"].startswith(PKG_PREFIX) else path.parent / base_path
+        base = _file_tasks(suite_path(str(base_path), f"{path} file"), flag, depth + 1)
     lines = _task_lines(root)
-    suite = Suite(path, hashlib.sha256(text.encode()).hexdigest())
-    for name, spec in data["tasks"].items():
-        where = f"{path}:{lines.get(str(name), 0) + 1} tasks.{name}"
-        suite.tasks.append(_check_task(str(name), spec, where, path.parent))
+    return _merged(base, tasks or {}, path.parent, lambda name: f"{path}:{lines.get(name, 0) + 1} tasks.{name}")
+
+
+def _merged(base: dict[str, RawTask], tasks: dict, folder: Path, where_of) -> dict[str, RawTask]:
+    """`base` with `tasks` merged over it field by field; their relative paths made absolute against `folder`."""
+    merged = dict(base)
+    for name, spec in tasks.items():
+        name, where = str(name), where_of(str(name))
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: a task is a mapping of its fields, not {spec!r}.\n  fix: e.g. "
+                              "{kind: loss, file: val.jsonl}.")
+        spec = {key: _absolute(key, value, folder) if key in PATH_FIELDS else value for key, value in spec.items()}
+        if name in merged:
+            spec, where = {**merged[name].spec, **spec}, f"{where} (over {merged[name].where})"
+        merged[name] = RawTask(spec, where)
+    return merged
+
+
+def _absolute(key: str, value: Any, folder: Path) -> Any:
+    """A relative path made absolute against `folder`; pkg:// paths and URLs stay as written, and so does
+    a judge like "org/model" that is no folder here (a hub id, which the judge check refuses)."""
+    if not isinstance(value, str) or value.startswith(PKG_PREFIX) or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if key == "judge" and not (folder / path).exists() and not value.startswith("."):
+        return value
+    return str(folder / path)
+
+
+def _checked(origin: str, tasks: dict[str, RawTask]) -> Suite:
+    suite = Suite(origin, "")
+    for name, raw in tasks.items():
+        suite.tasks.append(_check_task(name, raw.spec, raw.where))
+    canonical = json.dumps({t.name: {"kind": t.kind, **t.options} for t in suite.tasks}, sort_keys=True, default=str)
+    suite.sha256 = hashlib.sha256(canonical.encode()).hexdigest()
     return suite
 
 
@@ -121,7 +217,7 @@ def _task_lines(root) -> dict[str, int]:
     return {}
 
 
-def _check_task(name: str, spec: Any, where: str, folder: Path) -> SuiteTask:
+def _check_task(name: str, spec: Any, where: str) -> SuiteTask:
     fix_kinds = f"kind: {' | '.join(KINDS)}"
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ConfigError(f"{where}: a task is a mapping with a `kind`.\n  fix: {fix_kinds}.")
@@ -150,9 +246,9 @@ def _check_task(name: str, spec: Any, where: str, folder: Path) -> SuiteTask:
             options[key] = default
     for key in ("file", "include_path"):
         if options.get(key) is not None:
-            options[key] = _resolved(options[key], folder, f"{where}.{key}", directory=key == "include_path")
+            options[key] = _resolved(options[key], f"{where}.{key}", directory=key == "include_path")
     task = SuiteTask(name, kind, options, where)
-    _check_kind(task, folder)
+    _check_kind(task)
     return task
 
 
@@ -167,18 +263,17 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     raise ConfigError(f"{where}: {value!r} is a {type(value).__name__}; it must be {wanted}.\n  fix: give {wanted}.")
 
 
-def _resolved(value: str, folder: Path, where: str, directory: bool = False) -> str:
-    """An absolute path: pkg://... under soup/assets, absolute as written, else relative to the suite's folder."""
+def _resolved(value: str, where: str, directory: bool = False) -> str:
+    """The checked absolute path (pkg://... under soup/assets; others were made absolute by _merged)."""
     path = resolve_data_path(value, where) if value.startswith(PKG_PREFIX) else Path(value).expanduser()
-    if not path.is_absolute():
-        path = folder / path
     if not (path.is_dir() if directory else path.is_file()):
-        raise ConfigError(f"{where}: no such {'folder' if directory else 'file'} {path}.\n  fix: relative paths "
-                          "resolve against the suite file's folder; give an existing path.")
+        raise ConfigError(f"{where}: no such {'folder' if directory else 'file'} {path}.\n  fix: give an existing "
+                          "path (a relative one resolves against the suite file's folder, or against the launch "
+                          "directory when set with suite.tasks... on the command line).")
     return str(path)
 
 
-def _check_kind(task: SuiteTask, folder: Path) -> None:
+def _check_kind(task: SuiteTask) -> None:
     where = task.where
     positive = [k for k in ("max_rows", "batch_size", "max_new_tokens", "limit") if k in task.options]
     for key in positive:
@@ -199,7 +294,7 @@ def _check_kind(task: SuiteTask, folder: Path) -> None:
     elif task.kind == "generation":
         check_scorer(task.scorer, task.pattern, where)
     elif task.kind == "judge":
-        _check_judge(task, folder)
+        _check_judge(task)
     elif task.kind == "lm_eval":
         if not task.tasks or not all(isinstance(t, str) for t in task.tasks):
             raise ConfigError(f"{where}.tasks: a non-empty list of lm-evaluation-harness task names.\n"
@@ -209,7 +304,7 @@ def _check_kind(task: SuiteTask, folder: Path) -> None:
         check_lm_eval(where)
 
 
-def _check_judge(task: SuiteTask, suite_folder: Path) -> None:
+def _check_judge(task: SuiteTask) -> None:
     where = task.where
     judge = task.judge
     if "://" in judge or judge.startswith(("hf:", "hub:")):
@@ -217,10 +312,9 @@ def _check_judge(task: SuiteTask, suite_folder: Path) -> None:
                           "evaluation never sends your model's outputs anywhere.\n  fix: download the judge once "
                           "and give its folder.")
     folder = Path(judge).expanduser()
-    folder = folder if folder.is_absolute() else suite_folder / folder
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{where}.judge: {folder} is not a local model directory (no config.json); hub ids are "
-                          "not fetched.\n  fix: give the folder of a saved causal LM (relative paths resolve "
+                          "not fetched.\n  fix: give the folder of a saved causal LM (a relative path resolves "
                           "against the suite file's folder).")
     task.options["judge"] = str(folder.resolve())
     if task.min_score >= task.max_score:

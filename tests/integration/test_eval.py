@@ -42,7 +42,8 @@ def test_an_eval_of_stories260k_reports_the_loss_the_training_loop_logged(tmp_pa
     logged = json.loads((run_dir / "run.json").read_text())["stats"]["final_eval_loss"]
     (tmp_path / "suite.yaml").write_text("tasks:\n  held_out:\n    kind: loss\n    file: held_out.jsonl\n")
 
-    record = evaluate([f"checkpoint={run_dir}", f"suite={tmp_path / 'suite.yaml'}"], tmp_path / "eval")
+    record = evaluate([f"checkpoint={run_dir}", "suite=file", f"suite.file={tmp_path / 'suite.yaml'}"],
+                      tmp_path / "eval")
 
     # The run's own tokenization (chatml, max_length 256, overlong drop, response tokens) and batch size.
     assert record["metrics"]["held_out/loss"] == pytest.approx(logged, rel=1e-6)
@@ -57,7 +58,7 @@ def test_an_eval_of_stories260k_reports_the_loss_the_training_loop_logged(tmp_pa
     assert not (tmp_path / "eval" / "eval.json").exists()
     from soup.model_card import render_card
 
-    assert "python -m soup.eval, suite suite.yaml" in render_card(run_dir)
+    assert f"python -m soup.eval, suite soup.eval's suite group (file: {tmp_path / 'suite.yaml'})" in render_card(run_dir)
 
 
 def gate_run(run_dir: Path, *gate: str) -> dict:
@@ -117,6 +118,7 @@ def test_without_a_baseline_the_first_evaluation_before_step_one_is_it(tmp_path,
 
 
 def test_the_cli_names_a_missing_suite_and_exits_2(tmp_path):
-    proc = run_cli("suite=no_such_suite.yaml", f"hydra.run.dir={tmp_path}", module="soup.eval", check=False)
+    proc = run_cli("suite=file", "suite.file=no_such_suite.yaml", f"hydra.run.dir={tmp_path}", module="soup.eval",
+                   check=False)
     assert proc.returncode == 2
     assert "no_such_suite.yaml" in proc.stderr and "fix:" in proc.stderr

@@ -320,3 +320,16 @@ def test_the_command_line_exits_2_with_one_message_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("[soup] error: ") and "  fix: " in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_show_prints_the_metrics_of_the_runs_eval_json(outputs, capsys):
+    job = outputs / SWEEP / "0_optim.lr=0.001"
+    (job / "eval.json").write_text(json.dumps({"metrics": {"gsm8k/accuracy": 0.625}, "step": 40,
+                                               "suite": {"origin": "/suites/math.yaml"}, "created_at": "2026-11-29"}))
+    try:
+        assert main(["show", str(job)]) == 0
+    finally:
+        (job / "eval.json").unlink()
+    out = capsys.readouterr().out
+    assert "eval.json (python -m soup.eval, suite /suites/math.yaml, at step 40, 2026-11-29):" in out
+    assert "  gsm8k/accuracy: 0.625" in out

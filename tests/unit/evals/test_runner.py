@@ -168,3 +168,30 @@ def test_losses_and_perplexities_fall_as_the_model_improves_every_other_metric_r
     assert lower_is_better("heldout/loss") and lower_is_better("wiki/word_perplexity") and lower_is_better("x/ppl")
     assert not lower_is_better("gsm8k/accuracy") and not lower_is_better("arc/acc_norm")
     assert not lower_is_better("gsm8k/exact_match.strict-match")
+
+
+def test_an_lm_eval_task_leaves_the_random_streams_and_the_model_mode_as_they_were(tmp_path, monkeypatch):
+    # lm_eval reseeds python/numpy/torch and puts the model in eval mode; a gate inside a training
+    # run must not see either, or the run would train differently with the gate than without it.
+    import random
+
+    from soup.evals import harness
+
+    def reseeding(model, tokenizer, **kwargs):
+        random.seed(kwargs["seed"])
+        torch.manual_seed(kwargs["seed"])
+        model.eval()
+        return {"stories_mc/acc": 0.5, "stories_mc/acc_stderr": float("nan")}
+
+    monkeypatch.setattr(harness, "run_lm_eval", reseeding)
+    monkeypatch.setattr(harness, "check_lm_eval", lambda where: None)
+    model = torch.nn.Linear(2, 2).train()
+    suite = suite_of(tmp_path, "  mc:\n    kind: lm_eval\n    tasks: [stories_mc]\n    limit: 4\n")
+    torch.manual_seed(123)
+    random.seed(123)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    (result,) = run_suite(suite, EvalContext(lambda: model, None, CPU, seed=0), log=lambda line: None)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert model.training and result.metrics == {"stories_mc/acc": 0.5}  # the NaN stderr is dropped

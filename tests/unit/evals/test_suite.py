@@ -52,7 +52,7 @@ def test_the_line_and_task_of_a_mistake_are_named(tmp_path):
     ("tasks:\n  a:\n    kind: generation\n    file: rows.jsonl\n    scorer: regex\n", "regex"),
     ("tasks:\n  a:\n    kind: loss\n    file: rows.jsonl\n    task: dpo\n", "task: sft"),
     ("tasks:\n  a:\n    kind: loss\n    file: rows.jsonl\n    data: {packing: true}\n", "not read by a loss task"),
-    ("tasks: []\n", "one key, `tasks`"),
+    ("tasks: []\n", "a mapping with `tasks` naming at least one task"),
     ("tasks:\n  a: [\n", "not valid YAML"),
 ])
 def test_each_kind_of_mistake_is_refused_with_the_fix(tmp_path, text, expected):
@@ -76,5 +76,46 @@ def test_a_rubric_must_show_the_completion_and_only_known_placeholders(tmp_path)
 
 
 def test_the_bundled_demo_suite_reads():
-    suite = read_suite("pkg://suites/demo.yaml")
+    suite = read_suite("demo")  # conf/suite/demo.yaml, as train.eval_gate=demo names it
     assert [t.kind for t in suite.tasks] == ["loss", "generation", "multiple_choice"]
+
+
+def compose_eval(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from soup.evals.config import register_eval_configs
+    from tests.conftest import REPO_ROOT
+
+    register_eval_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def test_the_suite_group_composes_the_demo_suite_and_command_line_fields_over_it():
+    from soup.evals.suite import compose_suite
+
+    demo = compose_suite(compose_eval([]).suite)
+    changed = compose_suite(compose_eval(["suite.tasks.sums.max_new_tokens=4",
+                                          "+suite.tasks.more={kind: loss, file: pkg://demo/pretrain.jsonl}"]).suite)
+    assert [t.name for t in demo.tasks] == ["heldout", "sums", "capitals"]
+    assert [t.name for t in changed.tasks] == ["heldout", "sums", "capitals", "more"]
+    assert (demo.tasks[1].max_new_tokens, changed.tasks[1].max_new_tokens, changed.tasks[1].max_rows) == (16, 4, 16)
+    assert demo.sha256 != changed.sha256 == compose_suite(compose_eval(
+        ["suite.tasks.sums.max_new_tokens=4", "+suite.tasks.more={kind: loss, file: pkg://demo/pretrain.jsonl}"]).suite).sha256
+    with pytest.raises(ConfigError, match=r"suite.tasks.sums: kind generation does not read `max_new_token`"):
+        compose_suite(compose_eval(["+suite.tasks.sums.max_new_token=4"]).suite)
+
+
+def test_a_suite_files_tasks_take_command_line_fields_and_extend_a_base_file(tmp_path):
+    from soup.evals.suite import compose_suite
+
+    suite_file(tmp_path, "tasks:\n  sums:\n    kind: generation\n    file: rows.jsonl\n")
+    (tmp_path / "more.yaml").write_text("file: suite.yaml\ntasks:\n  sums:\n    max_rows: 1\n"
+                                        "  held:\n    kind: loss\n    file: rows.jsonl\n")
+    extended = read_suite(str(tmp_path / "more.yaml"))
+    assert [(t.name, t.max_rows) for t in extended.tasks] == [("sums", 1), ("held", None)]
+    assert extended.tasks[0].file == str(tmp_path / "rows.jsonl")
+    assert "more.yaml:3 tasks.sums (over " in extended.tasks[0].where
+    composed = compose_suite(compose_eval(["suite=file", f"suite.file={tmp_path / 'more.yaml'}",
+                                           "+suite.tasks.sums.scorer=exact"]).suite)
+    assert (composed.tasks[0].scorer, composed.tasks[0].max_rows) == ("exact", 1)
