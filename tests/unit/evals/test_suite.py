@@ -97,8 +97,8 @@ def test_the_suite_group_composes_the_demo_suite_and_command_line_fields_over_it
     demo = compose_suite(compose_eval([]).suite)
     changed = compose_suite(compose_eval(["suite.tasks.sums.max_new_tokens=4",
                                           "+suite.tasks.more={kind: loss, file: pkg://demo/pretrain.jsonl}"]).suite)
-    assert [t.name for t in demo.tasks] == ["heldout", "sums", "capitals"]
-    assert [t.name for t in changed.tasks] == ["heldout", "sums", "capitals", "more"]
+    assert [t.name for t in demo.tasks] == ["chat", "sums", "capitals"]
+    assert [t.name for t in changed.tasks] == ["chat", "sums", "capitals", "more"]
     assert (demo.tasks[1].max_new_tokens, changed.tasks[1].max_new_tokens, changed.tasks[1].max_rows) == (16, 4, 16)
     assert demo.sha256 != changed.sha256 == compose_suite(compose_eval(
         ["suite.tasks.sums.max_new_tokens=4", "+suite.tasks.more={kind: loss, file: pkg://demo/pretrain.jsonl}"]).suite).sha256
