@@ -162,12 +162,14 @@ def _file_tasks(path: Path, flag: str, depth: int = 0) -> dict[str, RawTask]:
                           f"base `file` and a `name`); found {found}.\n  fix: write `tasks:` then one mapping per "
                           "task, e.g. `heldout: {kind: loss, file: val.jsonl}`.")
     base = {}
-    if data.get("file"):
-        if depth >= 8:
-            raise ConfigError(f"{path}: its base files name each other in a loop.\n  fix: break the chain of `file:`.")
-        base_path = Path(data["file"]).expanduser()
-        base_path = base_path if base_path.is_absolute() or data["file"].startswith(PKG_PREFIX) else path.parent / base_path
-        base = _file_tasks(suite_path(str(base_path), f"{path} file"), flag, depth + 1)
+    if data.get("file") is not None:
+        if not isinstance(data["file"], str) or depth >= 8:
+            raise ConfigError(f"{path}: `file` names a base suite file, and here it is {data['file']!r}"
+                              f"{' after a chain of 8 base files (a loop?)' if depth >= 8 else ''}.\n  fix: a path "
+                              "(relative to this file's folder), pkg://..., or a name in conf/suite/.")
+        base = _file_tasks(suite_path(_absolute("file", data["file"], path.parent)
+                                      if "/" in data["file"] or data["file"].endswith((".yaml", ".yml"))
+                                      else data["file"], f"{path} file"), flag, depth + 1)
     lines = _task_lines(root)
     return _merged(base, tasks or {}, path.parent, lambda name: f"{path}:{lines.get(name, 0) + 1} tasks.{name}")
 

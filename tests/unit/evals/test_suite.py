@@ -119,3 +119,12 @@ def test_a_suite_files_tasks_take_command_line_fields_and_extend_a_base_file(tmp
     composed = compose_suite(compose_eval(["suite=file", f"suite.file={tmp_path / 'more.yaml'}",
                                            "+suite.tasks.sums.scorer=exact"]).suite)
     assert (composed.tasks[0].scorer, composed.tasks[0].max_rows) == ("exact", 1)
+
+
+def test_a_base_file_may_be_bundled_or_named_and_a_loop_of_bases_is_refused(tmp_path):
+    (tmp_path / "extends_demo.yaml").write_text("file: demo\ntasks:\n  sums:\n    max_rows: 2\n")
+    assert [(t.name, t.max_rows) for t in read_suite(str(tmp_path / "extends_demo.yaml")).tasks][:2] == \
+        [("chat", 64), ("sums", 2)]
+    (tmp_path / "a.yaml").write_text("file: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("file: a.yaml\n")
+    assert "a loop?" in refused(tmp_path, "file: a.yaml\n")
