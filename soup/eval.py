@@ -64,10 +64,14 @@ def locate(checkpoint: Optional[str]) -> Located:
             not (folder / "adapter_config.json").is_file():
         run_dir, folder = folder, folder / "final"
     else:
-        run_dir = folder.parent if (folder.parent / "run.json").is_file() else None
+        run_dir = folder.parent if ((folder.parent / "run.json").is_file() or
+                                    (folder.parent / ".hydra" / "config.yaml").is_file()) else None
     if run_dir is None:
         return Located(folder, None, None)
-    record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    try:  # a run killed between final/ and run.json has none: its .hydra/ still holds the config
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        record = {}
     config = record.get("config")
     hydra_config = run_dir / ".hydra" / "config.yaml"
     run_config = OmegaConf.create(config) if config else (OmegaConf.load(hydra_config) if hydra_config.is_file()

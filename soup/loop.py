@@ -468,6 +468,7 @@ def train_loop(
                 last_checkpoint = checkpoint_now()
                 bar.close()
                 print(f"[soup] stopped by the eval gate at step {step}; checkpoint: {last_checkpoint}")
+                prepare_for_eval(optimizer)  # final/ holds the weights the gate evaluated (schedule-free: averaged)
                 return result("eval_gate")
             if train_cfg.save_every_steps and step % train_cfg.save_every_steps == 0:
                 last_checkpoint = checkpoint_now()

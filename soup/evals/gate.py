@@ -14,7 +14,9 @@ says stop_reason eval_gate and which metrics regressed), warn (a warning line, t
 continue (the figures are recorded, nothing is said).
 
 The gate draws no random numbers from the training stream (generation has its own seeded
-generator), so a run with action=continue trains exactly as the same run without a gate.
+generator), so a run with action=continue trains exactly as the same run without a gate (with a
+schedule-free optimizer, whose switch to its averaged weights and back at each evaluation is not
+bit-exact, to rounding).
 """
 
 from __future__ import annotations
@@ -111,13 +113,14 @@ class EvalGate:
         self.baseline_source = train.eval_gate_baseline
         self.baseline = read_baseline(train.eval_gate_baseline) if train.eval_gate_baseline else None
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+        # _judges: a judge model loads once per run, not at every check.
         self.context = dict(tokenizer=tokenizer, device=device, batch_size=train.eval_batch_size, seed=cfg.seed,
-                            precision=train.precision, run_cfg=cfg, chat_template=template)
+                            precision=train.precision, run_cfg=cfg, chat_template=template, _judges={})
         self.history: list[GateCheck] = []
 
     def describe(self) -> str:
         cadence = (f"every {self.every_steps} steps" if self.every_steps else f"every {self.every_epochs} epochs")
-        baseline = self.baseline_source or "its first evaluation, before step 1"
+        baseline = self.baseline_source or "its first evaluation (before step 1 in a fresh run)"
         watched = ", ".join(self.watched) or "every metric"
         return (f"eval gate: suite {self.suite.origin} {cadence}; {watched} against {baseline}, threshold "
                 f"{self.threshold:g}, on regression: {self.action}")
@@ -142,15 +145,24 @@ class EvalGate:
             self.baseline = dict(check.metrics)
             print(f"[soup] eval gate: baseline at step {step}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in check.metrics.items()))
+            self._check_watched(check)
         else:
             for metric in self.watched or sorted(set(self.baseline) & set(check.metrics)):
-                value, base = check.metrics[metric], self.baseline[metric]
+                # A watched metric this evaluation lacks (lm_eval drops a non-finite one) is a regression.
+                value, base = check.metrics.get(metric, math.nan), self.baseline[metric]
                 worse_by = value - base if lower_is_better(metric) else base - value
                 if worse_by > self.threshold or not math.isfinite(value):
                     check.regressions[metric] = {"value": value, "baseline": base, "worse_by": worse_by}
             self._report(check)
         self.history.append(check)
         return check
+
+    def _check_watched(self, check: GateCheck) -> None:
+        """The baseline evaluation shows every watched metric (an lm_eval task's names are only known now)."""
+        missing = [m for m in self.watched if m not in check.metrics]
+        if missing:
+            raise ConfigError(f"train.eval_gate_metrics names {', '.join(missing)}, which the suite {self.suite.origin} "
+                              f"did not report at step {check.step}.\n  fix: one of {', '.join(check.metrics)}.")
 
     def _report(self, check: GateCheck) -> None:
         if not check.regressions:
@@ -169,10 +181,14 @@ class EvalGate:
         return self.action == "stop" and bool(check.regressions)
 
     def state_dict(self) -> dict:
-        return {"baseline": self.baseline, "history": [c.record() for c in self.history]}
+        return {"baseline": self.baseline, "baseline_source": self.baseline_source, "suite_sha256": self.suite.sha256,
+                "history": [c.record() for c in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("baseline") is not None:
+        """The checkpoint's baseline, unless the resume changed the suite or the baseline: then a new
+        baseline file is read as given, and without one the first check after the resume is the baseline."""
+        same = (state.get("baseline_source") == self.baseline_source and state.get("suite_sha256") == self.suite.sha256)
+        if same and state.get("baseline") is not None:
             self.baseline = state["baseline"]
         self.history = [GateCheck(h["step"], h["metrics"], h["regressions"]) for h in state.get("history", [])]
 

@@ -27,22 +27,29 @@ class ContinuationScore:
     greedy: bool  # every continuation token is the argmax at its position
 
 
-def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the module docstring says."""
+def split_tokens(tokenizer, context: str, continuation: str,
+                 add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the module docstring says. add_special_tokens=False for a
+    context a chat template rendered (it wrote its own BOS). A context that encodes to nothing becomes
+    the BOS (else EOS) token, so the continuation's first token is scored too (lm-evaluation-harness
+    does the same with its end-of-text token)."""
     trailing = len(context) - len(context.rstrip())
     if trailing:
         context, continuation = context[:-trailing], context[-trailing:] + continuation
-    context_ids = tokenizer(context)["input_ids"] if context else []
-    whole = tokenizer(context + continuation)["input_ids"]
-    if whole[:len(context_ids)] != context_ids:
-        # The continuation merged into the context's last token: keep the context, encode the rest alone.
-        return context_ids, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    specials = {"add_special_tokens": add_special_tokens}
+    context_ids = tokenizer(context, **specials)["input_ids"] if context else []
+    whole = tokenizer(context + continuation, **specials)["input_ids"]
+    if not context_ids or whole[:len(context_ids)] != context_ids:
+        # No context, or the continuation merged into its last token: encode the continuation alone.
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return (context_ids or [start]), continuation_ids
     return context_ids, whole[len(context_ids):]
 
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int,
-                          max_length: int | None = None) -> list[ContinuationScore]:
+                          max_length: int | None = None, add_special_tokens: bool = True) -> list[ContinuationScore]:
     """The score of each (context, continuation) pair, in order. A sequence longer than
     max_length (default: the model's positions) loses tokens from the context's start."""
     limit = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -50,7 +57,7 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = []
     for context, continuation in pairs:
-        context_ids, continuation_ids = split_tokens(tokenizer, context, continuation)
+        context_ids, continuation_ids = split_tokens(tokenizer, context, continuation, add_special_tokens)
         if not continuation_ids:
             raise ValueError(f"the continuation {continuation!r} encodes to no tokens")
         ids = context_ids + continuation_ids

@@ -39,7 +39,8 @@ from soup.evals.suite import LOSS_DATA_FIELDS, LOSS_TASKS, Suite, SuiteTask
 from soup.rollout.engine import SamplingParams
 
 # Metrics that fall when the model gets better; every other metric rises (soup/evals/gate.py).
-LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                   "brier_score", "ter")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -234,14 +235,17 @@ def run_judge(task: SuiteTask, ctx: EvalContext) -> TaskResult:
     judge, judge_tokenizer = _judge(task.judge, ctx)
     scale = list(range(task.min_score, task.max_score + 1))
     pairs = []
+    templated = isinstance(judge_tokenizer.chat_template, str)
     for prompt, text, reference in zip(shown, texts, references):
         question = task.rubric.format(prompt=_prompt_text(prompt), completion=text, reference=reference)
-        if isinstance(judge_tokenizer.chat_template, str):
+        if templated:
             question = judge_tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                            add_generation_prompt=True)
         delimiter = "" if question[-1:].isspace() else " "
         pairs += [(question, f"{delimiter}{rating}") for rating in scale]
-    logprobs = [s.logprob for s in continuation_logprobs(judge, judge_tokenizer, pairs, _batch(task, ctx) * len(scale))]
+    # A rendered chat template writes its own special tokens (BOS): the tokenizer adds none.
+    logprobs = [s.logprob for s in continuation_logprobs(judge, judge_tokenizer, pairs, _batch(task, ctx) * len(scale),
+                                                         add_special_tokens=not templated)]
     ratings, samples = [], []
     for i, (row, prompt, text, finish) in enumerate(zip(rows, shown, texts, finishes)):
         weights = torch.tensor(logprobs[i * len(scale):(i + 1) * len(scale)]).softmax(0)

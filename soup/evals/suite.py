@@ -12,9 +12,11 @@
         max_new_tokens: 256
 
 soup.eval composes its suite like soup.train composes data: the `suite` group (conf/suite/)
-names a suite file (`suite=demo`, or `suite=file suite.file=suite.yaml`), and `suite.tasks.<task>.
-<field>=...` on the command line sets a field over the file's (or adds a task), so a sweep can
-vary one: `--multirun suite.tasks.gsm8k.max_new_tokens=128,512`. A suite file may itself name a
+holds a suite (`suite=demo`) or names a suite file (`suite=file suite.file=suite.yaml`), and
+`suite.tasks.<task>.<field>=...` on the command line sets a field over the suite's, so a sweep can
+vary one: `--multirun suite.tasks.sums.max_new_tokens=8,64`. A field (or task) the composed config
+does not hold yet, such as any field of a suite.file's tasks, takes Hydra's `+`:
+`+suite.tasks.gsm8k.max_new_tokens=512`, `+suite.tasks.new={kind: loss, file: val.jsonl}`. A suite file may itself name a
 base file (`file: base.yaml`) whose tasks its own `tasks` extend the same way. train.eval_gate
 takes a suite file, or the name of one of conf/suite/.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,9 +115,12 @@ PATH_FIELDS = ("file", "include_path", "judge")
 
 def read_suite(value: str, flag: str = "suite") -> Suite:
     """The checked suite of a file: a path (the launch directory first, then soup/assets), pkg://...,
-    or the name of a suite in conf/suite/ (train.eval_gate=demo)."""
+    or the name of a suite in conf/suite/ (train.eval_gate=demo), whose relative paths mean what they
+    mean to `python -m soup.eval suite=<name>`: the launch directory's."""
+    from soup.data.dataset import _launch_dir
+
     path = suite_path(value, flag)
-    return _checked(str(path), _file_tasks(path, flag))
+    return _checked(str(path), _file_tasks(path, flag, folder=_launch_dir() if path.parent == CONF_SUITES else None))
 
 
 def compose_suite(node) -> Suite:
@@ -146,8 +152,9 @@ def suite_path(value: str, flag: Optional[str]) -> Path:
     return path
 
 
-def _file_tasks(path: Path, flag: str, depth: int = 0) -> dict[str, RawTask]:
-    """A suite file's tasks as written (its base file's first), paths made absolute against its folder."""
+def _file_tasks(path: Path, flag: str, depth: int = 0, folder: Optional[Path] = None) -> dict[str, RawTask]:
+    """A suite file's tasks as written (its base file's first), paths made absolute against `folder`
+    (default: the file's own folder)."""
     text = path.read_text(encoding="utf-8")
     try:
         root = yaml.compose(text)
@@ -171,7 +178,8 @@ def _file_tasks(path: Path, flag: str, depth: int = 0) -> dict[str, RawTask]:
                                       if "/" in data["file"] or data["file"].endswith((".yaml", ".yml"))
                                       else data["file"], f"{path} file"), flag, depth + 1)
     lines = _task_lines(root)
-    return _merged(base, tasks or {}, path.parent, lambda name: f"{path}:{lines.get(name, 0) + 1} tasks.{name}")
+    return _merged(base, tasks or {}, folder or path.parent,
+                   lambda name: f"{path}:{lines.get(name, 0) + 1} tasks.{name}")
 
 
 def _merged(base: dict[str, RawTask], tasks: dict, folder: Path, where_of) -> dict[str, RawTask]:
@@ -221,6 +229,9 @@ def _task_lines(root) -> dict[str, int]:
 
 def _check_task(name: str, spec: Any, where: str) -> SuiteTask:
     fix_kinds = f"kind: {' | '.join(KINDS)}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"{where}: the task name {name!r} names files and metrics (<task>/<metric>), so it is "
+                          "letters, digits, '_', '.' and '-' only.\n  fix: rename it, e.g. mmlu_stem.")
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ConfigError(f"{where}: a task is a mapping with a `kind`.\n  fix: {fix_kinds}.")
     kind = spec["kind"]

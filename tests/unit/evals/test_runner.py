@@ -154,8 +154,10 @@ def test_a_judge_scores_the_expected_rating_of_its_scale(tiny, tmp_path):
             question = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                      add_generation_prompt=True)
         delimiter = "" if question[-1].isspace() else " "
-        logprobs = [s.logprob for s in continuation_logprobs(model, tokenizer,
-                                                             [(question, f"{delimiter}{r}") for r in (1, 2, 3)], 3)]
+        pairs = [(question, f"{delimiter}{r}") for r in (1, 2, 3)]
+        # a rendered template wrote its own special tokens
+        templated = isinstance(tokenizer.chat_template, str)
+        logprobs = [s.logprob for s in continuation_logprobs(model, tokenizer, pairs, 3, add_special_tokens=not templated)]
         weights = torch.tensor(logprobs).softmax(0)
         scores.append(float(sum(w * r for w, r in zip(weights.tolist(), (1, 2, 3)))))
         assert sum(sample["probabilities"].values()) == pytest.approx(1.0)
@@ -195,3 +197,12 @@ def test_an_lm_eval_task_leaves_the_random_streams_and_the_model_mode_as_they_we
     (result,) = run_suite(suite, EvalContext(lambda: model, None, CPU, seed=0), log=lambda line: None)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     assert model.training and result.metrics == {"stories_mc/acc": 0.5}  # the NaN stderr is dropped
+
+
+def test_an_empty_context_still_scores_the_continuations_first_token(tiny):
+    model, tokenizer = tiny
+    context_ids, continuation_ids = split_tokens(tokenizer, "", "Paris")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    assert context_ids == [start] and continuation_ids == tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    (score,) = continuation_logprobs(model, tokenizer, [("", "Paris")], 1)
+    assert score.tokens == len(continuation_ids) and score.logprob < 0

@@ -128,3 +128,7 @@ def test_a_base_file_may_be_bundled_or_named_and_a_loop_of_bases_is_refused(tmp_
     (tmp_path / "a.yaml").write_text("file: b.yaml\n")
     (tmp_path / "b.yaml").write_text("file: a.yaml\n")
     assert "a loop?" in refused(tmp_path, "file: a.yaml\n")
+
+
+def test_a_task_name_that_would_make_a_path_is_refused(tmp_path):
+    assert "letters, digits" in refused(tmp_path, "tasks:\n  mmlu/stem:\n    kind: loss\n    file: rows.jsonl\n")
