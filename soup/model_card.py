@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from soup.errors import SoupError
+from soup.runs import dotted
 from soup.tracking import read_metrics
 
 CARD_NAME = "README.md"
@@ -78,7 +79,7 @@ def render_card(run_dir: Path, exported: str | None = None) -> str:
     run_dir = Path(run_dir).resolve()
     record = _read_record(run_dir)
     cfg, stats = record.get("config", {}), record.get("stats", {})
-    task = _get(cfg, "task.name", "?")
+    task = dotted(cfg, "task.name", "?")
     base = base_model_of(cfg)
 
     lines = [_MARKER.format(run_dir=run_dir), "", f"# {task} fine-tune of {base}", ""]
@@ -98,8 +99,8 @@ def render_card(run_dir: Path, exported: str | None = None) -> str:
         lines.append("run.json records no data files.")
     train_report = (stats.get("data") or {}).get("train") or {}
     rows = train_report.get("rows_used", train_report.get("rows", "?"))
-    lines.append(f"\nformat: {train_report.get('format', _get(cfg, 'data.format', '?'))}, "
-                 f"max_length {_get(cfg, 'data.max_length', '?')}, training rows used: {rows}")
+    lines.append(f"\nformat: {train_report.get('format', dotted(cfg, 'data.format', '?'))}, "
+                 f"max_length {dotted(cfg, 'data.max_length', '?')}, training rows used: {rows}")
 
     lines += ["", "## Evaluation", ""]
     lines += evaluation_lines(run_dir, stats)
@@ -118,36 +119,36 @@ def render_card(run_dir: Path, exported: str | None = None) -> str:
 
 def base_model_of(cfg: dict) -> str:
     """The base a run fine-tuned: model.path, or a description of the built-in tiny model."""
-    if _get(cfg, "model.name") == "tiny":
-        tiny = _get(cfg, "model.tiny", {})
+    if dotted(cfg, "model.name") == "tiny":
+        tiny = dotted(cfg, "model.tiny", {})
         return (f"a randomly initialised tiny Llama (hidden {tiny.get('hidden_size')}, "
                 f"{tiny.get('num_hidden_layers')} layers, byte tokenizer)")
-    return str(_get(cfg, "model.path", "?"))
+    return str(dotted(cfg, "model.path", "?"))
 
 
 def hyperparameters(cfg: dict, stats: dict) -> list[tuple[str, str]]:
     """(name, value) rows of the settings that decide what a fine-tune learns."""
-    peft = _get(cfg, "peft.name", "none")
+    peft = dotted(cfg, "peft.name", "none")
     tuning = "full fine-tune" if peft == "none" else (
-        f"{peft} (r {_get(cfg, 'peft.r')}, alpha {_get(cfg, 'peft.alpha')}, "
-        f"dropout {_get(cfg, 'peft.dropout')}, targets {_get(cfg, 'peft.target_modules')})")
-    micro, accum = _get(cfg, "train.micro_batch_size"), _get(cfg, "train.grad_accum_steps")
-    precision = (stats.get("precision") or {}).get("resolved") or _get(cfg, "train.precision", "?")
+        f"{peft} (r {dotted(cfg, 'peft.r')}, alpha {dotted(cfg, 'peft.alpha')}, "
+        f"dropout {dotted(cfg, 'peft.dropout')}, targets {dotted(cfg, 'peft.target_modules')})")
+    micro, accum = dotted(cfg, "train.micro_batch_size"), dotted(cfg, "train.grad_accum_steps")
+    precision = (stats.get("precision") or {}).get("resolved") or dotted(cfg, "train.precision", "?")
     epochs = stats.get("epochs_done")
     rows = [
         ("base model", base_model_of(cfg)),
-        ("task", str(_get(cfg, "task.name", "?"))),
+        ("task", str(dotted(cfg, "task.name", "?"))),
         ("fine-tuning", tuning),
-        ("quantisation (training)", str(_get(cfg, "quant.name", "none"))),
+        ("quantisation (training)", str(dotted(cfg, "quant.name", "none"))),
         ("precision", str(precision)),
-        ("optimizer", f"{_get(cfg, 'optim.name')}, lr {_get(cfg, 'optim.lr')}, "
-                      f"weight decay {_get(cfg, 'optim.weight_decay')}"),
-        ("schedule", f"{_get(cfg, 'sched.name')}, warmup {_get(cfg, 'sched.warmup_steps')} steps"),
+        ("optimizer", f"{dotted(cfg, 'optim.name')}, lr {dotted(cfg, 'optim.lr')}, "
+                      f"weight decay {dotted(cfg, 'optim.weight_decay')}"),
+        ("schedule", f"{dotted(cfg, 'sched.name')}, warmup {dotted(cfg, 'sched.warmup_steps')} steps"),
         ("batch", f"{micro} sequences x {accum} accumulation steps per optimizer step "
-                  f"({_get(cfg, 'parallelism.name', 'single')})"),
+                  f"({dotted(cfg, 'parallelism.name', 'single')})"),
         ("steps", f"{stats.get('steps', '?')}" + (f" ({epochs} epochs)" if epochs is not None else "")
          + (f", stopped: {stats['stop_reason']}" if stats.get("stop_reason") else "")),
-        ("seed", str(_get(cfg, "seed", "?"))),
+        ("seed", str(dotted(cfg, "seed", "?"))),
     ]
     return rows
 
@@ -190,15 +191,6 @@ def _read_record(run_dir: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise SoupError(f"{path}: not valid JSON ({exc}).\n"
                         "  fix: pass --no-card, or the run dir of an intact run.") from exc
-
-
-def _get(cfg: dict, dotted: str, default=None):
-    node = cfg
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return node
 
 
 def _number(value) -> str:

@@ -190,7 +190,7 @@ def summarize(run: Run) -> dict:
     git = (run.record or {}).get("git") or {}
     return {
         "run": str(run.path),
-        "task": _dotted(run.config, "task.name"),
+        "task": dotted(run.config, "task.name"),
         "model": model_label(run.config),
         "status": status,
         "stop_reason": stats.get("stop_reason"),
@@ -225,11 +225,12 @@ def _throughput(stats: dict, train_rows: list[dict]) -> tuple[str | None, float 
     return None, None
 
 
-def _dotted(config: dict, key: str):
+def dotted(config: dict, key: str, default=None):
+    """config["a"]["b"] for key "a.b", or `default` where the path is absent (an older run's config)."""
     value = config
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
-            return None
+            return default
         value = value[part]
     return value
 

@@ -30,13 +30,10 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from soup.errors import ConfigError
-from soup.evals.runner import EvalContext, flat_metrics, lower_is_better, run_suite
+from soup.evals.runner import KIND_METRICS, EvalContext, flat_metrics, lower_is_better, run_suite
 from soup.evals.suite import Suite, read_suite
 
 ACTIONS = ("stop", "warn", "continue")
-# The metrics each kind reports (lm_eval's depend on its tasks, so they are not checked up front).
-KIND_METRICS = {"loss": ("loss", "ppl"), "generation": ("accuracy", "name_accuracy"),
-                "multiple_choice": ("acc", "acc_norm"), "judge": ("score", "score_normalised")}
 
 
 def read_baseline(value: str, flag: str = "train.eval_gate_baseline") -> dict[str, float]:

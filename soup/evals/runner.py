@@ -38,6 +38,10 @@ from soup.evals.scorers import score
 from soup.evals.suite import LOSS_DATA_FIELDS, LOSS_TASKS, Suite, SuiteTask
 from soup.rollout.engine import SamplingParams
 
+# The metrics each kind's runner below reports (generation's name_accuracy: scorer tool_call only);
+# lm_eval's depend on its tasks. train.eval_gate_metrics is checked against them at config load.
+KIND_METRICS = {"loss": ("loss", "ppl"), "generation": ("accuracy", "name_accuracy"),
+                "multiple_choice": ("acc", "acc_norm"), "judge": ("score", "score_normalised")}
 # Metrics that fall when the model gets better; every other metric rises (soup/evals/gate.py).
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                    "brier_score", "ter")

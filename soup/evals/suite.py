@@ -87,10 +87,6 @@ class SuiteTask:
         except KeyError:
             raise AttributeError(key) from None
 
-    def path(self, key: str = "file") -> Optional[Path]:
-        value = self.options.get(key)
-        return Path(value) if value is not None else None
-
 
 @dataclass
 class Suite:
